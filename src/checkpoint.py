@@ -1,0 +1,171 @@
+"""Reads and writes model directories in the released GPT-2 format.
+
+A model directory holds `checkpoint`, `model.ckpt.{index,data-00000-of-00001,meta}`,
+`hparams.json`, `encoder.json` and `vocab.bpe`. Variables keep their TF1 names
+(`model/h0/attn/c_attn/w`, ...), so loading is a name lookup and TF1 code reads ours.
+"""
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from cli import UserError
+from hparams import HParams
+
+VOCAB_FILES = ("encoder.json", "vocab.bpe")
+VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
+
+
+def variable_shapes(hparams):
+    """Checkpoint name -> shape, in the released checkpoints' layout (conv1d weights are [1, in, out])."""
+    d, v = hparams.n_embd, hparams.n_vocab
+    shapes = {"model/wte": [v, d], "model/wpe": [hparams.n_ctx, d]}
+    for i in range(hparams.n_layer):
+        p = f"model/h{i}/"
+        shapes.update({
+            p + "ln_1/g": [d], p + "ln_1/b": [d],
+            p + "attn/c_attn/w": [1, d, 3 * d], p + "attn/c_attn/b": [3 * d],
+            p + "attn/c_proj/w": [1, d, d], p + "attn/c_proj/b": [d],
+            p + "ln_2/g": [d], p + "ln_2/b": [d],
+            p + "mlp/c_fc/w": [1, d, 4 * d], p + "mlp/c_fc/b": [4 * d],
+            p + "mlp/c_proj/w": [1, 4 * d, d], p + "mlp/c_proj/b": [d],
+        })
+    shapes.update({"model/ln_f/g": [d], "model/ln_f/b": [d]})
+    return shapes
+
+
+def checkpoint_prefix(model_dir):
+    """The checkpoint prefix named by `model_dir/checkpoint`, as TF1's latest_checkpoint finds it."""
+    prefix = tf.train.latest_checkpoint(model_dir)
+    if prefix is None or not os.path.exists(prefix + ".index"):
+        raise UserError(f"no checkpoint in '{model_dir}': download the model again with download_model.py")
+    return prefix
+
+
+def compare_shapes(expected, found):
+    """A one-line description of how `found` differs from `expected` (name -> shape), or None."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    misshaped = [f"{n} {list(found[n])} (expected {list(expected[n])})"
+                 for n in expected if n in found and list(found[n]) != list(expected[n])]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", extra), ("mis-shaped", misshaped)):
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    return "; ".join(problems) or None
+
+
+def read_weights(model_dir, hparams, dtype=tf.float32):
+    """Reads every variable of the checkpoint in `model_dir`, checked against `hparams`.
+
+    Returns:
+        A dict from checkpoint name to a tensor of `dtype`.
+    """
+    prefix = checkpoint_prefix(model_dir)
+    hint = "download the model again with download_model.py"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        found = reader.get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as e:
+        raise UserError(f"checkpoint {prefix} is unreadable ({_first_line(e)}): {hint}") from None
+    expected = variable_shapes(hparams)
+    problem = compare_shapes(expected, found)
+    if problem:
+        raise UserError(f"checkpoint {prefix} does not match hparams.json: {problem}")
+    weights = {}
+    for name in expected:
+        try:
+            # RestoreV2 yields a TF tensor directly: no second host copy through numpy.
+            tensor = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
+                                          dtypes=[tf.float32])[0]
+        except tf.errors.OpError as e:
+            raise UserError(f"checkpoint {prefix} is corrupt or truncated ({_first_line(e)}): {hint}") from None
+        weights[name] = tf.cast(tensor, dtype) if dtype != tf.float32 else tensor
+    return weights
+
+
+def _first_line(error):
+    message = getattr(error, "message", None) or str(error)
+    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+def random_weights(hparams, seed=0, std=0.02):
+    """Random weights of the released shapes: N(0, std) matrices, small random biases and norms."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in variable_shapes(hparams).items():
+        leaf = name.rsplit("/", 1)[-1]
+        if leaf == "g":
+            value = 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif leaf == "b":
+            value = 0.1 * std * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            value = std * rng.standard_normal(shape, dtype=np.float32)
+        weights[name] = value.astype(np.float32, copy=False)
+    return weights
+
+
+def write_model_dir(path, hparams, weights, vocab_dir=VOCAB_DIR):
+    """Writes a complete model directory in the released format.
+
+    The files are written into a temporary directory beside `path` and moved into place, so a
+    crash leaves either the old files or the new ones, never a mix of half-written files.
+
+    Args:
+        path: The model directory to create or replace.
+        hparams: The model's HParams.
+        weights: Checkpoint name -> array (numpy or tensor), with the released shapes.
+        vocab_dir: Where to copy `encoder.json` and `vocab.bpe` from.
+    """
+    expected = variable_shapes(hparams)
+    problem = compare_shapes(expected, {n: list(np.shape(w)) for n, w in weights.items()})
+    if problem:
+        raise ValueError(f"weights do not match hparams: {problem}")
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", dir=parent)
+    try:
+        _save_tf1_checkpoint(os.path.join(staging, "model.ckpt"), expected, weights)
+        with open(os.path.join(staging, "checkpoint"), "w", encoding="utf-8") as f:
+            f.write('model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n')
+        with open(os.path.join(staging, "hparams.json"), "w", encoding="utf-8") as f:
+            f.write(hparams.to_json())
+        for name in VOCAB_FILES:
+            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(staging, name))
+        os.makedirs(path, exist_ok=True)
+        # `checkpoint` goes last: until it is replaced, readers see the previous complete set.
+        names = sorted(os.listdir(staging), key=lambda n: n == "checkpoint")
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _save_tf1_checkpoint(prefix, shapes, weights):
+    """Saves with TF1's Saver, which writes the .index/.data pair and the .meta graph."""
+    graph = tf.Graph()
+    with graph.as_default():
+        feeds, variables = {}, {}
+        for name, shape in shapes.items():
+            # Fed through placeholders so the .meta graph stays small (no weights baked in).
+            placeholder = tf.compat.v1.placeholder(tf.float32, shape)
+            variables[name] = tf.compat.v1.Variable(placeholder, name=name)
+            feeds[placeholder] = np.asarray(weights[name], dtype=np.float32)
+        saver = tf.compat.v1.train.Saver(var_list=variables)
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer(), feed_dict=feeds)
+            saver.save(session, prefix, write_state=False)
+
+
+def write_random_model(path, hparams, seed=0, std=0.02):
+    """Writes a random-weight model of `hparams`' shape in the released format; returns `path`."""
+    return write_model_dir(path, hparams, random_weights(hparams, seed=seed, std=std))
+
+
+def load_hparams(model_dir):
+    return HParams.from_json(os.path.join(model_dir, "hparams.json"))

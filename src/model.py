@@ -1,0 +1,245 @@
+"""The GPT-2 transformer on TensorFlow 2, reading the released checkpoints unchanged.
+
+Two ways in:
+- `lm(tokens, past=None)` is the reference's `model()`: logits for every position and the
+  `present` keys/values, `[batch, n_layer, 2, n_head, sequence, head_dim]`, to pass back as `past`.
+- `prefill` / `decode_step` serve the sampler: keys/values live in a preallocated cache per layer
+  that each step updates in place, so a decode step costs the same at position 10 and 1000
+  apart from attention itself.
+"""
+import math
+
+import tensorflow as tf
+
+import checkpoint
+import hparams as hparams_lib
+from hparams import HParams  # noqa: F401  (re-exported: model.HParams is the config users know)
+
+
+def norm(x, g, b, epsilon=1e-5):
+    """LayerNorm over the last axis with the biased variance, as the reference computes it."""
+    u = tf.reduce_mean(x, axis=-1, keepdims=True)
+    s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
+    return (x - u) * tf.math.rsqrt(s + epsilon) * g + b
+
+
+def gelu(x):
+    """The tanh approximation GPT-2 was trained with."""
+    return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+
+
+class GPT2(tf.Module):
+    """GPT-2 with its variables under the released checkpoint names.
+
+    Args:
+        hparams: An `HParams`.
+        weights: Checkpoint name -> tensor or array, as `checkpoint.read_weights` returns.
+        compute_dtype: tf.float32 (exact), or tf.bfloat16 for the weights and matrix products,
+            with norms, softmax and logits kept in float32.
+    """
+
+    def __init__(self, hparams, weights, compute_dtype=tf.float32):
+        super().__init__(name="model")
+        self.hparams = hparams
+        self.compute_dtype = tf.as_dtype(compute_dtype)
+        problem = checkpoint.compare_shapes(
+            checkpoint.variable_shapes(hparams), {n: list(w.shape) for n, w in weights.items()})
+        if problem:
+            raise ValueError(f"weights do not match hparams: {problem}")
+        self.weights = {}
+        for name in checkpoint.variable_shapes(hparams):
+            value = weights[name]
+            # Matrices are stored in the compute dtype; norms and biases stay float32.
+            dtype = self.compute_dtype if name.endswith("/w") or name == "model/wte" else tf.float32
+            if tf.as_dtype(getattr(value, "dtype", tf.float32)) != dtype:
+                value = tf.cast(value, dtype)
+            self.weights[name] = tf.Variable(value, trainable=True, name=name)
+        self._forward_no_past = tf.function(self._forward, input_signature=[
+            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
+        self._forward_with_past = tf.function(self._forward_past, input_signature=[
+            tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None, hparams.n_layer, 2, hparams.n_head, None, hparams.head_dim], tf.float32),
+            tf.TensorSpec([None], tf.int32)])
+
+    def __call__(self, tokens, past=None):
+        """The reference's `model()`: logits and presents for `tokens` [batch, sequence] int32."""
+        tokens = tf.convert_to_tensor(tokens, tf.int32)
+        pad = tf.zeros([tf.shape(tokens)[0]], tf.int32)
+        if past is None:
+            logits, present = self._forward_no_past(tokens, pad)
+        else:
+            logits, present = self._forward_with_past(tokens, tf.convert_to_tensor(past, tf.float32), pad)
+        return {"logits": logits, "present": present}
+
+    # --- shared pieces -------------------------------------------------------------------
+
+    def _w(self, name):
+        return self.weights["model/" + name]
+
+    def _linear(self, x, scope):
+        """x [..., in] times the conv1d weight [1, in, out], plus bias."""
+        w = self._w(scope + "/w")
+        n_in, n_out = w.shape[1], w.shape[2]
+        y = tf.matmul(tf.reshape(tf.cast(x, w.dtype), [-1, n_in]), tf.reshape(w, [n_in, n_out]))
+        y = tf.cast(y, tf.float32) + self._w(scope + "/b")
+        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [n_out]], 0))
+
+    def _norm(self, x, scope):
+        return norm(x, self._w(scope + "/g"), self._w(scope + "/b"))
+
+    def _mlp(self, x, layer):
+        h = gelu(self._linear(self._norm(x, f"h{layer}/ln_2"), f"h{layer}/mlp/c_fc"))
+        return self._linear(h, f"h{layer}/mlp/c_proj")
+
+    def _embed(self, tokens, positions):
+        wte = self._w("wte")
+        return tf.cast(tf.gather(wte, tokens), tf.float32) + tf.gather(self._w("wpe"), positions)
+
+    def _logits(self, h):
+        """Output logits through the tied embedding, [..., n_vocab] float32."""
+        wte = self._w("wte")
+        flat = tf.reshape(tf.cast(h, wte.dtype), [-1, self.hparams.n_embd])
+        logits = tf.cast(tf.matmul(flat, wte, transpose_b=True), tf.float32)
+        return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
+
+    def _attend(self, q, k, v, keep):
+        """Masked softmax attention. q [B, H, T, D], k/v [B, H, S, D], keep broadcastable to [B, H, T, S]."""
+        dtype = k.dtype
+        w = tf.matmul(tf.cast(q, dtype), k, transpose_b=True)
+        w = tf.cast(w, tf.float32) * tf.math.rsqrt(tf.cast(self.hparams.head_dim, tf.float32))
+        # The reference's masking, so masked positions get exactly zero weight.
+        w = w * keep - 1e10 * (1 - keep)
+        w = tf.nn.softmax(w, axis=-1)
+        return tf.cast(tf.matmul(tf.cast(w, dtype), v), tf.float32)
+
+    def _split_heads(self, x):
+        hp = self.hparams
+        b, t = tf.shape(x)[0], tf.shape(x)[1]
+        return tf.transpose(tf.reshape(x, [b, t, hp.n_head, hp.head_dim]), [0, 2, 1, 3])  # [B, H, T, D]
+
+    def _merge_heads(self, x):
+        b, t = tf.shape(x)[0], tf.shape(x)[2]
+        return tf.reshape(tf.transpose(x, [0, 2, 1, 3]), [b, t, self.hparams.n_embd])  # [B, T, d]
+
+    # --- full pass (the reference's model()) ---------------------------------------------
+
+    def _forward_past(self, tokens, past, pad):
+        return self._forward(tokens, pad, past)
+
+    def _forward(self, tokens, pad, past=None, return_hidden=False):
+        """Logits [B, T, V] and present [B, L, 2, H, T, D] for tokens [B, T] after `past`.
+
+        `pad` [B] counts left-padding tokens per row: they get no attention and positions
+        start after them, so prompts of different lengths share a batch.
+        """
+        hp = self.hparams
+        t = tf.shape(tokens)[1]
+        past_len = 0 if past is None else tf.shape(past)[-2]
+        total = past_len + t
+        query_pos = tf.range(t) + past_len  # [T]
+        positions = tf.maximum(query_pos[None, :] - pad[:, None], 0)  # [B, T]
+        key_pos = tf.range(total)
+        keep = tf.logical_and(key_pos[None, None, :] <= query_pos[None, :, None],  # causal [1, T, S]
+                              key_pos[None, None, :] >= pad[:, None, None])  # not padding [B, 1, S]
+        keep = tf.cast(keep, tf.float32)[:, None]  # [B, 1, T, S]
+        h = self._embed(tokens, positions)
+        presents, hiddens = [], [h]
+        for i in range(hp.n_layer):
+            qkv = self._linear(self._norm(h, f"h{i}/ln_1"), f"h{i}/attn/c_attn")
+            q, k, v = (self._split_heads(x) for x in tf.split(qkv, 3, axis=2))
+            presents.append(tf.stack([k, v], axis=1))  # [B, 2, H, T, D]
+            if past is not None:
+                k = tf.concat([past[:, i, 0], k], axis=-2)
+                v = tf.concat([past[:, i, 1], v], axis=-2)
+            a = self._merge_heads(self._attend(q, k, v, keep))
+            h = h + self._linear(a, f"h{i}/attn/c_proj")
+            h = h + self._mlp(h, i)
+            hiddens.append(h)
+        h = self._norm(h, "ln_f")
+        present = tf.stack(presents, axis=1)  # [B, L, 2, H, T, D]
+        if return_hidden:
+            return self._logits(h), present, hiddens[:-1] + [h]
+        return self._logits(h), present
+
+    # --- cached decoding (the sampler's hot path) ----------------------------------------
+
+    def prefill(self, tokens, pad, capacity):
+        """Runs the prompt and returns the last position's logits and a decode cache.
+
+        Args:
+            tokens: [B, T] int32, rows left-padded by `pad` [B].
+            capacity: positions the cache holds (prompt plus new tokens), at most n_ctx.
+
+        Returns:
+            (logits [B, V] float32, caches): one flat tensor per layer, [2*B*H*capacity, D],
+            viewed as [2, B, H, capacity, D].
+        """
+        hp = self.hparams
+        logits, present = self._forward_no_past(tokens, pad)
+        b, t = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        cache_dtype = self.compute_dtype
+        present = tf.cast(tf.transpose(present, [1, 2, 0, 3, 4, 5]), cache_dtype)  # [L, 2, B, H, T, D]
+        present = tf.pad(present, [[0, 0]] * 4 + [[0, capacity - t], [0, 0]])
+        caches = [tf.reshape(present[i], [-1, hp.head_dim]) for i in range(hp.n_layer)]
+        return logits[:, -1], caches
+
+    def decode_step(self, token, pos, pad, caches):
+        """One token per row at position `pos`: next-token logits [B, V] and the updated caches.
+
+        Call inside a tf.function loop: each cache is updated in place (InplaceUpdate forwards
+        the buffer, which is only safe because no other reference to it outlives the step).
+        """
+        hp = self.hparams
+        b = tf.shape(token)[0]
+        rows_per_cache = tf.shape(caches[0])[0]
+        capacity = rows_per_cache // (2 * b * hp.n_head)
+        key_pos = tf.range(capacity)
+        keep = tf.logical_and(key_pos[None, :] <= pos, key_pos[None, :] >= pad[:, None])
+        keep = tf.cast(keep, tf.float32)[:, None, None, :]  # [B, 1, 1, S]
+        # Flat cache rows for this position: (kv, batch, head) blocks of `capacity` rows each.
+        rows = tf.range(2 * b * hp.n_head) * capacity + pos
+        h = self._embed(token, pos - pad)  # [B, d]
+        new_caches = []
+        for i in range(hp.n_layer):
+            qkv = self._linear(self._norm(h, f"h{i}/ln_1"), f"h{i}/attn/c_attn")  # [B, 3d]
+            q = tf.reshape(qkv[:, :hp.n_embd], [b, hp.n_head, 1, hp.head_dim])
+            kv = tf.reshape(qkv[:, hp.n_embd:], [b, 2, hp.n_head, hp.head_dim])
+            kv = tf.reshape(tf.transpose(kv, [1, 0, 2, 3]), [-1, hp.head_dim])  # [2*B*H, D]
+            cache = tf.raw_ops.InplaceUpdate(x=caches[i], i=rows, v=tf.cast(kv, caches[i].dtype))
+            new_caches.append(cache)
+            cache = tf.reshape(cache, [2, b, hp.n_head, capacity, hp.head_dim])
+            a = self._attend(q, cache[0], cache[1], keep)  # [B, H, 1, D]
+            h = h + self._linear(tf.reshape(a, [b, hp.n_embd]), f"h{i}/attn/c_proj")
+            h = h + self._mlp(h, i)
+        return self._logits(self._norm(h, "ln_f")), new_caches
+
+
+def load_model(model_name="124M", models_dir="models", dtype="float32"):
+    """Loads a model directory in the released format.
+
+    Args:
+        model_name: A directory under `models_dir`; legacy names 117M and 345M mean 124M and 355M.
+        models_dir: The directory holding model directories.
+        dtype: 'float32' (default, exact) or 'bfloat16' (weights and matrix products in bf16).
+
+    Returns:
+        A `GPT2` with `.hparams`.
+    """
+    path = hparams_lib.model_dir(model_name, models_dir)
+    hp = checkpoint.load_hparams(path)
+    compute_dtype = parse_dtype(dtype)
+    weights = checkpoint.read_weights(path, hp)
+    lm = GPT2(hp, weights, compute_dtype=compute_dtype)
+    lm.path = path
+    return lm
+
+
+def parse_dtype(dtype):
+    from cli import UserError
+
+    names = {"float32": tf.float32, "fp32": tf.float32, "bfloat16": tf.bfloat16, "bf16": tf.bfloat16}
+    if isinstance(dtype, tf.DType):
+        return dtype
+    if str(dtype) not in names:
+        raise UserError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    return names[str(dtype)]
