@@ -92,8 +92,10 @@ class GPT2(tf.Module):
         return self._linear(h, f"h{layer}/mlp/c_proj")
 
     def _embed(self, tokens, positions):
-        wte = self._w("wte")
-        return tf.cast(tf.gather(wte, tokens), tf.float32) + tf.gather(self._w("wpe"), positions)
+        # Gather from dense reads: a gather on the variable itself (ResourceGather) switches it
+        # to copy-on-read, after which every dense read copies the whole matrix.
+        wte, wpe = (tf.convert_to_tensor(self._w(n)) for n in ("wte", "wpe"))
+        return tf.cast(tf.gather(wte, tokens), tf.float32) + tf.gather(wpe, positions)
 
     def _logits(self, h):
         """Output logits through the tied embedding, [..., n_vocab] float32."""
@@ -126,7 +128,7 @@ class GPT2(tf.Module):
     def _forward_past(self, tokens, past, pad):
         return self._forward(tokens, pad, past)
 
-    def _forward(self, tokens, pad, past=None, return_hidden=False):
+    def _forward(self, tokens, pad, past=None, return_hidden=False, last_only=False):
         """Logits [B, T, V] and present [B, L, 2, H, T, D] for tokens [B, T] after `past`.
 
         `pad` [B] counts left-padding tokens per row: they get no attention and positions
@@ -156,6 +158,8 @@ class GPT2(tf.Module):
             h = h + self._mlp(h, i)
             hiddens.append(h)
         h = self._norm(h, "ln_f")
+        if last_only:
+            h = h[:, -1:]  # the sampler needs only the next token's logits
         present = tf.stack(presents, axis=1)  # [B, L, 2, H, T, D]
         if return_hidden:
             return self._logits(h), present, hiddens[:-1] + [h]
@@ -175,7 +179,7 @@ class GPT2(tf.Module):
             viewed as [2, B, H, capacity, D].
         """
         hp = self.hparams
-        logits, present = self._forward_no_past(tokens, pad)
+        logits, present = self._forward(tokens, pad, last_only=True)
         b, t = tf.shape(tokens)[0], tf.shape(tokens)[1]
         cache_dtype = self.compute_dtype
         present = tf.cast(tf.transpose(present, [1, 2, 0, 3, 4, 5]), cache_dtype)  # [L, 2, B, H, T, D]
