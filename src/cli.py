@@ -10,6 +10,17 @@ class UserError(Exception):
     """Bad input from the user. The message is one line that says what to do."""
 
 
+def check_counts(nsamples, batch_size, allow_forever=False):
+    """UserErrors for sample counts the scripts cannot honour."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise UserError(f"--batch_size must be a whole number >= 1, got {batch_size!r}")
+    least = 0 if allow_forever else 1
+    if not isinstance(nsamples, int) or isinstance(nsamples, bool) or nsamples < least:
+        raise UserError(f"--nsamples must be a whole number >= {least}, got {nsamples!r}")
+    if nsamples % batch_size:
+        raise UserError(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
+
+
 def fail(message, status=2):
     """Prints `message` as one line on stderr and exits with `status`."""
     print(f"error: {message}", file=sys.stderr, flush=True)

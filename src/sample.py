@@ -108,6 +108,11 @@ def new_seed(seed=None):
     return int(seed) & 0x7FFFFFFF
 
 
+def batch_seed(seed, batch):
+    """A distinct, reproducible seed for each batch of a run."""
+    return (seed + 1000003 * batch) & 0x7FFFFFFF
+
+
 class Sampler:
     """The compiled decode loop for one model.
 

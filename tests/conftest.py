@@ -7,3 +7,39 @@ SRC_DIR = os.path.join(REPO_ROOT, "src")
 if SRC_DIR not in sys.path:
     sys.path.insert(0, SRC_DIR)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+# A model small enough to build in a second, with the real vocabulary so the encoder works.
+TINY_HPARAMS = dict(n_vocab=50257, n_ctx=64, n_embd=32, n_head=4, n_layer=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    """A models directory holding `tiny`, a random model written in the released format."""
+    import checkpoint
+    from hparams import HParams
+
+    models = tmp_path_factory.mktemp("models")
+    checkpoint.write_random_model(str(models / "tiny"), HParams(**TINY_HPARAMS), seed=1, std=0.2)
+    return str(models)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_models_dir):
+    import model
+
+    return model.load_model("tiny", tiny_models_dir)
+
+
+def run_script(script, *args, stdin=None, timeout=300, env=None):
+    """Runs a script from src/ (or the repo root) as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    path = os.path.join(SRC_DIR, script)
+    if not os.path.exists(path):
+        path = os.path.join(REPO_ROOT, script)
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONIOENCODING="utf-8")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, path, *map(str, args)], input=stdin, capture_output=True,
+                          timeout=timeout, env=full_env, cwd=REPO_ROOT)

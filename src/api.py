@@ -1,0 +1,176 @@
+"""The Python API the command-line scripts stand on.
+
+>>> import api
+>>> gpt = api.load("124M")                                    # doctest: +SKIP
+>>> gpt.generate("The meaning of life is", length=20, seed=1)  # doctest: +SKIP
+[' ...']
+"""
+import codecs
+
+import tensorflow as tf
+
+import encoder as encoder_lib
+import hparams as hparams_lib
+import model as model_lib
+import sample as sample_lib
+from cli import UserError
+
+
+def configure_devices():
+    """Lets TensorFlow grow GPU memory as needed instead of taking it all at start-up."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # devices already initialised: growth was set, or cannot change now
+
+
+def load(model_name="124M", models_dir="models", dtype="float32"):
+    """Loads a model directory in the released format with its encoder.
+
+    Args:
+        model_name: Directory name under `models_dir` (117M and 345M mean 124M and 355M).
+        models_dir: Directory holding model directories.
+        dtype: 'float32' (exact) or 'bfloat16'.
+
+    Returns:
+        A `Model`.
+    """
+    configure_devices()
+    path = hparams_lib.model_dir(model_name, models_dir)
+    return Model(model_lib.load_model(model_name, models_dir, dtype=dtype), encoder_lib.Encoder.from_dir(path))
+
+
+class Model:
+    """A loaded GPT-2 and its encoder: generate and stream text."""
+
+    def __init__(self, lm, encoder):
+        self.lm = lm
+        self.encoder = encoder
+        self.hparams = lm.hparams
+        self._sampler = None
+
+    @property
+    def sampler(self):
+        if self._sampler is None:
+            self._sampler = sample_lib.Sampler(self.lm)
+        return self._sampler
+
+    @property
+    def eot_token(self):
+        return self.encoder.eot_token
+
+    def encode(self, text):
+        return self.encoder.encode(text)
+
+    def decode(self, tokens):
+        return self.encoder.decode(tokens)
+
+    def _contexts(self, prompts):
+        """Prompt strings (or token lists) -> token lists; a single prompt becomes a batch of one."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        contexts = []
+        for prompt in prompts:
+            tokens = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if not tokens:
+                raise UserError("Prompt should not be empty!")
+            contexts.append(tokens)
+        return contexts
+
+    def stream(self, prompts, length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+               stop_at_eot=False, stop=None):
+        """Generates text for each prompt, yielding `(row, text)` pieces as tokens are made.
+
+        Args:
+            prompts: A string, a list of strings (any lengths), or token lists.
+            length: New tokens per row (default: half the window, as the interactive script).
+            temperature: Divides the logits; 0 is greedy.
+            top_k: Keep the k most likely tokens (0: off).
+            top_p: Keep the nucleus of probability p (1: off).
+            seed: The same seed gives the same text.
+            stop_at_eot: End a row at `<|endoftext|>` (not included in the text).
+            stop: A string or list of strings that end a row (not included).
+        """
+        contexts = self._contexts(prompts)
+        if length is None:
+            length = self.hparams.n_ctx // 2
+        tokens = self.sampler.generate(contexts, length, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       seed=seed, stop_at_eot=stop_at_eot)
+        rows = [_RowText(self.encoder, stop, stop_at_eot) for _ in contexts]
+        for chunk in tokens:
+            for r, row in enumerate(rows):
+                piece = row.feed(chunk[r])
+                if row.finished:
+                    tokens.stop([r])
+                if piece:
+                    yield r, piece
+        for r, row in enumerate(rows):
+            piece = row.finish()
+            if piece:
+                yield r, piece
+
+    def generate(self, prompts, length=None, **options):
+        """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a
+        single string prompt)."""
+        contexts = self._contexts(prompts)
+        texts = [""] * len(contexts)
+        for r, piece in self.stream(contexts, length, **options):
+            texts[r] += piece
+        return texts[0] if isinstance(prompts, str) else texts
+
+
+class _RowText:
+    """Turns one row's tokens into text as they arrive: whole UTF-8 characters only, cut at the
+    first stop string, holding back text that could still become one."""
+
+    def __init__(self, encoder, stop, stop_at_eot):
+        if isinstance(stop, str):
+            stop = [stop]
+        self._stops = [s for s in (stop or []) if s]
+        if stop is not None and not all(isinstance(s, str) for s in stop):
+            raise UserError("--stop must be a string or a list of strings")
+        self._encoder = encoder
+        self._stop_at_eot = stop_at_eot
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""
+        self._emitted = 0
+        self.finished = False
+
+    def feed(self, tokens):
+        if self.finished:
+            return ""
+        tokens = [int(t) for t in tokens]
+        if self._stop_at_eot and self._encoder.eot_token in tokens:
+            tokens = tokens[:tokens.index(self._encoder.eot_token)]
+            self.finished = True
+        self._text += self._utf8.decode(self._encoder.decode_bytes(tokens), final=self.finished)
+        return self._take()
+
+    def finish(self):
+        if not self.finished:
+            self._text += self._utf8.decode(b"", final=True)
+            self.finished = True
+        return self._take()
+
+    def _take(self):
+        hits = [i for i in (self._text.find(s, max(0, self._emitted - len(s))) for s in self._stops) if i >= 0]
+        if hits:
+            self._text = self._text[:min(hits)]
+            self.finished = True
+        end = len(self._text)
+        if not self.finished:
+            end -= self._held_back()
+        piece = self._text[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        return piece
+
+    def _held_back(self):
+        """Length of the longest end of the text that begins some stop string."""
+        longest = 0
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(self._text)), longest, -1):
+                if self._text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest

@@ -1,0 +1,40 @@
+"""Printing samples in the reference's format, streaming the first row of each batch."""
+import sys
+
+
+def sample_header(number):
+    return "=" * 40 + " SAMPLE " + str(number) + " " + "=" * 40
+
+
+def use_safe_stdout():
+    """Characters a console cannot show print as '?' instead of crashing (Windows consoles)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+def print_batch(pieces, numbers, after_row=None):
+    """Prints one batch: each row under its SAMPLE header, in row order.
+
+    Row 0 is printed as its pieces arrive; the other rows are generated at the same time and
+    printed when the batch ends.
+
+    Args:
+        pieces: Iterable of (row, text) as `api.Model.stream` yields them.
+        numbers: The sample number of each row.
+        after_row: Optional function of the row index, returning a line to print after it.
+    """
+    texts = [""] * len(numbers)
+    print(sample_header(numbers[0]), flush=True)
+    for row, piece in pieces:
+        if row == 0:
+            print(piece, end="", flush=True)
+        else:
+            texts[row] += piece
+    for row in range(len(numbers)):
+        if row:
+            print(sample_header(numbers[row]))
+            print(texts[row], end="")
+        print(flush=True)
+        if after_row and after_row(row):
+            print(after_row(row), flush=True)

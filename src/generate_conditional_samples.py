@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Continues prompts given as an argument, a file or standard input, without a prompt loop."""
+import sys
+
+import cli
+
+
+def read_text(prompt=None, prompt_file=None):
+    """The prompt text: the argument, else the file, else standard input, as strict UTF-8."""
+    if prompt is not None and prompt_file is not None:
+        raise cli.UserError("give the prompt as an argument or with --prompt_file, not both")
+    if prompt is not None:
+        # fire turns arguments like 12 or True into numbers and booleans; a prompt is text.
+        return prompt if isinstance(prompt, str) else str(prompt)
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise cli.UserError(f"cannot read --prompt_file {prompt_file}: {e.strerror}") from None
+        source = prompt_file
+    else:
+        data = sys.stdin.buffer.read()
+        source = "standard input"
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise cli.UserError(f"{source} is not valid UTF-8 (byte {e.start}: {e.reason}): convert it to UTF-8") from None
+
+
+def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M", seed=None, nsamples=1,
+                 batch_size=1, length=None, temperature=1, top_k=0, top_p=1, models_dir="models",
+                 stop_at_eot=False, stop=None, dtype="float32"):
+    """Prints samples continuing a prompt (or one prompt per line), then exits.
+
+    Each prompt's samples are numbered from 1 and followed by a line of 80 '='.
+
+    Args:
+        prompt: The prompt text. Without it, --prompt_file is read, else standard input.
+        prompt_file: A UTF-8 file holding the prompt.
+        per_line: Treat each non-empty line as its own prompt; a batch can then mix prompts of
+            different lengths, and nsamples need not be a multiple of batch_size.
+        model_name: Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names).
+        seed: Integer seed; the same seed and prompts give the same samples run after run.
+        nsamples: Samples to print for each prompt.
+        batch_size: Samples generated at once.
+        length: New tokens per sample (default: half the model's window, 512).
+        temperature: Randomness: logits are divided by it; 0 is greedy (always the likeliest token).
+        top_k: Sample only from the k likeliest tokens; 0 turns it off (40 is a good value).
+        top_p: Sample only from the smallest set of likeliest tokens whose probability stays within
+            top_p (the reference's nucleus rule); 1 turns it off.
+        models_dir: Directory holding the model directories (~ and $VARS are expanded).
+        stop_at_eot: End a sample at <|endoftext|>.
+        stop: A string, or a list like '["\\n\\n", "THE END"]', that ends a sample when generated.
+        dtype: float32 (default, exact) or bfloat16 (faster on GPUs and some CPUs).
+    """
+    # Imported here so --help answers without starting TensorFlow.
+    import api
+    import console
+    import sample
+
+    console.use_safe_stdout()
+    text = read_text(prompt, prompt_file)
+    prompts = [line for line in text.splitlines() if line.strip()] if per_line else [text]
+    if not prompts or not all(prompts):
+        raise cli.UserError("the prompt is empty: give some text")
+    cli.check_counts(nsamples, 1 if per_line else batch_size)
+    if per_line:
+        cli.check_counts(1, batch_size)
+    sample.check_knobs(temperature, top_k, top_p)
+    gpt = api.load(model_name, models_dir, dtype=dtype)
+    if length is None:
+        length = gpt.hparams.n_ctx // 2
+    contexts = [gpt.encode(p) for p in prompts]
+    for p, context in enumerate(contexts):
+        try:
+            sample.check_room(gpt.hparams.n_ctx, len(context), length)
+        except cli.UserError as e:
+            raise cli.UserError(f"prompt {p + 1}: {e}" if per_line else str(e)) from None
+    # Every (prompt, sample) pair is a row; batches are cut from them in order.
+    rows = [(p, n) for p in range(len(contexts)) for n in range(nsamples)]
+    base_seed = sample.new_seed(seed)
+    for batch, start in enumerate(range(0, len(rows), batch_size)):
+        batch_rows = rows[start:start + batch_size]
+        pieces = gpt.stream([contexts[p] for p, _ in batch_rows], length, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=sample.batch_seed(base_seed, batch),
+                            stop_at_eot=stop_at_eot, stop=stop)
+
+        def separator(row, batch_rows=batch_rows):
+            return "=" * 80 if batch_rows[row][1] == nsamples - 1 else None
+
+        console.print_batch(pieces, [n + 1 for _, n in batch_rows], after_row=separator)
+
+
+if __name__ == "__main__":
+    cli.run(sample_model)

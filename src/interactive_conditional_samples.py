@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Asks for prompts and prints GPT-2's continuations as they are generated.
+
+End a line with a backslash to continue the prompt on the next line. Ctrl-D (end of input)
+or Ctrl-C quits.
+"""
+import sys
+
+import cli
+
+PROMPT = "Model prompt >>> "
+CONTINUATION = "... "
+
+
+def read_prompt():
+    """Reads one prompt; lines ending in a backslash continue on the next line.
+
+    Raises:
+        EOFError: at the end of input.
+    """
+    lines = []
+    line = input(PROMPT)
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = input(CONTINUATION)
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1,
+                   top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
+    """Prompts for text and prints continuations, until end of input or Ctrl-C (exit status 0).
+
+    A line ending in a backslash continues the prompt on the next line, for multi-line prompts.
+
+    Args:
+        model_name: Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names).
+        seed: Integer seed; the same seed and prompts give the same samples run after run.
+        nsamples: Samples to print for each prompt.
+        batch_size: Samples generated at once; nsamples must be a multiple of it.
+        length: New tokens per sample (default: half the model's window, 512).
+        temperature: Randomness: logits are divided by it; 0 is greedy (always the likeliest token).
+        top_k: Sample only from the k likeliest tokens; 0 turns it off (40 is a good value).
+        top_p: Sample only from the smallest set of likeliest tokens whose probability stays within
+            top_p (the reference's nucleus rule); 1 turns it off.
+        models_dir: Directory holding the model directories (~ and $VARS are expanded).
+        stop_at_eot: End a sample at <|endoftext|>.
+        stop: A string, or a list like '["\\n\\n", "THE END"]', that ends a sample when generated.
+        dtype: float32 (default, exact) or bfloat16 (faster on GPUs and some CPUs).
+    """
+    # Imported here so --help answers without starting TensorFlow.
+    import api
+    import console
+    import sample
+
+    console.use_safe_stdout()
+    cli.check_counts(nsamples, batch_size)
+    sample.check_knobs(temperature, top_k, top_p)
+    gpt = api.load(model_name, models_dir, dtype=dtype)
+    if length is None:
+        length = gpt.hparams.n_ctx // 2
+    base_seed = sample.new_seed(seed)
+    prompts_done = 0
+    try:
+        while True:
+            raw_text = read_prompt()
+            while not raw_text:
+                print("Prompt should not be empty!")
+                raw_text = read_prompt()
+            context = gpt.encode(raw_text)
+            try:
+                sample.check_room(gpt.hparams.n_ctx, len(context), length)
+            except cli.UserError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                continue
+            for batch in range(nsamples // batch_size):
+                seed_ = sample.batch_seed(base_seed, prompts_done * (nsamples // batch_size) + batch)
+                pieces = gpt.stream([context] * batch_size, length, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed_, stop_at_eot=stop_at_eot, stop=stop)
+                console.print_batch(pieces, [batch * batch_size + r + 1 for r in range(batch_size)])
+            print("=" * 80, flush=True)
+            prompts_done += 1
+    except (EOFError, KeyboardInterrupt):
+        print(flush=True)
+    except UnicodeDecodeError as e:
+        raise cli.UserError(f"the input is not valid UTF-8 ({e.reason} at byte {e.start}): type or pipe UTF-8 text")
+
+
+if __name__ == "__main__":
+    cli.run(interact_model)

@@ -1,0 +1,185 @@
+"""The sampling filters and the decode loop, tested with a stub model and no weights."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import sample
+from cli import UserError
+from hparams import HParams
+
+
+def reference_top_p(logits, p):
+    """The reference's nucleus rule, written out in numpy for one row."""
+    order = np.argsort(-logits, kind="stable")
+    probs = np.exp(logits[order] - logits.max())
+    probs /= probs.sum()
+    keep = max(int(np.sum(np.cumsum(probs) <= p)), 1)
+    threshold = logits[order][keep - 1]
+    return np.where(logits < threshold, -1e10, logits)
+
+
+def test_top_k_keeps_the_k_largest_and_ties():
+    logits = tf.constant([[1.0, 5.0, 3.0, 3.0, 0.0], [9.0, 8.0, 7.0, 6.0, 5.0]])
+    out = sample.top_k_logits(logits, 3).numpy()
+    # Row 0: the third largest value (3.0) is tied, and both copies are kept.
+    np.testing.assert_array_equal(out[0], [-1e10, 5.0, 3.0, 3.0, -1e10])
+    np.testing.assert_array_equal(out[1], [9.0, 8.0, 7.0, -1e10, -1e10])
+
+
+def test_top_k_zero_is_off_and_large_k_keeps_all():
+    logits = tf.random.stateless_normal([2, 7], seed=[1, 2])
+    np.testing.assert_array_equal(sample.top_k_logits(logits, 0), logits)
+    np.testing.assert_array_equal(sample.top_k_logits(logits, 100), logits)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.999])
+def test_top_p_matches_the_reference_rule_for_every_row(p):
+    logits = tf.random.stateless_normal([4, 50], seed=[3, 4]) * 3
+    out = sample.top_p_logits(logits, p).numpy()
+    for row in range(4):
+        np.testing.assert_array_equal(out[row], reference_top_p(logits[row].numpy(), p))
+
+
+def test_top_p_excludes_the_token_that_crosses_p():
+    # Probabilities 0.5, 0.3, 0.2: with p = 0.7 only the first stays (0.5 + 0.3 crosses 0.7).
+    logits = tf.math.log(tf.constant([[0.5, 0.3, 0.2]]))
+    out = sample.top_p_logits(logits, 0.7).numpy()[0]
+    assert out[0] > -1e9 and out[1] == -1e10 and out[2] == -1e10
+    # p = 0.8 keeps the first two.
+    assert (sample.top_p_logits(logits, 0.85).numpy()[0] > -1e9).tolist() == [True, True, False]
+
+
+def test_top_p_always_keeps_one_and_one_is_off():
+    logits = tf.constant([[0.0, 10.0, 1.0]])
+    assert (sample.top_p_logits(logits, 1e-6).numpy() > -1e9).sum() == 1
+    np.testing.assert_array_equal(sample.top_p_logits(logits, 1.0), logits)
+
+
+def test_top_p_after_top_k_sorts_only_the_prefix_with_the_same_result():
+    logits = tf.random.stateless_normal([3, 200], seed=[5, 6]) * 2
+    filtered = sample.top_k_logits(logits, 20)
+    full = sample.top_p_logits(filtered, 0.6).numpy()
+    prefix = sample.top_p_logits(filtered, 0.6, sorted_prefix=20).numpy()
+    np.testing.assert_array_equal(full, prefix)
+
+
+def test_temperature_zero_is_greedy():
+    logits = tf.constant([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
+    tokens = sample.sample_logits(logits, 0.0, 0, 1.0, tf.constant([1, 2]))
+    assert tokens.numpy().tolist() == [1, 0]
+
+
+def test_draws_follow_the_tempered_distribution():
+    rows = 20000
+    logits = tf.tile(tf.constant([[0.0, 1.0, 2.0]]), [rows, 1])
+    tokens = sample.sample_logits(logits, 2.0, 0, 1.0, tf.constant([7, 8])).numpy()
+    freq = np.bincount(tokens, minlength=3) / rows
+    expected = np.exp([0.0, 0.5, 1.0]) / np.exp([0.0, 0.5, 1.0]).sum()
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+
+
+def test_top_k_draws_stay_inside_the_top_k():
+    rows = 5000
+    logits = tf.tile(tf.range(10, dtype=tf.float32)[None] * 0.1, [rows, 1])
+    tokens = sample.sample_logits(logits, 1.0, 3, 1.0, tf.constant([1, 1])).numpy()
+    assert set(tokens.tolist()) == {7, 8, 9}
+
+
+def test_same_seed_same_draws_other_seed_other_draws():
+    logits = tf.zeros([64, 1000])
+    a = sample.sample_logits(logits, 1.0, 0, 1.0, tf.constant([3, 0])).numpy()
+    b = sample.sample_logits(logits, 1.0, 0, 1.0, tf.constant([3, 0])).numpy()
+    c = sample.sample_logits(logits, 1.0, 0, 1.0, tf.constant([4, 0])).numpy()
+    assert (a == b).all() and (a != c).any()
+
+
+class CountingModel:
+    """A stub language model: the next token is always (previous token + 1) mod vocab, with a
+    margin of 5 logits; it also counts its decode steps in its state."""
+
+    hparams = HParams(n_vocab=12, n_ctx=16, n_embd=4, n_head=1, n_layer=1)
+
+    def _logits(self, previous):
+        return tf.one_hot((previous + 1) % self.hparams.n_vocab, self.hparams.n_vocab) * 5.0
+
+    def prefill(self, tokens, pad, capacity):
+        return self._logits(tokens[:, -1]), [tf.zeros([1], tf.int32)]
+
+    def decode_step(self, token, pos, pad, state):
+        return self._logits(token), [state[0] + 1]
+
+
+@pytest.fixture(scope="module")
+def stub_sampler():
+    return sample.Sampler(CountingModel(), state_spec=[tf.TensorSpec([None], tf.int32)])
+
+
+def generate(sampler, contexts, length, **kw):
+    chunks = list(sampler.generate(contexts, length, **kw))
+    return np.concatenate(chunks, axis=1)
+
+
+def test_loop_feeds_each_token_back(stub_sampler):
+    out = generate(stub_sampler, [[3], [0, 1, 2, 5, 6]], 5, temperature=0)
+    assert out.tolist() == [[4, 5, 6, 7, 8], [7, 8, 9, 10, 11]]
+
+
+def test_chunking_does_not_change_the_tokens(stub_sampler):
+    a = generate(stub_sampler, [[1], [2]], 9, top_k=5, seed=11)
+    b = generate(stub_sampler, [[1], [2]], 9, top_k=5, seed=11, max_chunk=1)
+    c = generate(stub_sampler, [[1], [2]], 9, top_k=5, seed=12)
+    assert (a == b).all() and (a != c).any()
+
+
+def test_stop_at_eot_ends_rows_and_the_loop(stub_sampler):
+    # Vocabulary 12: the end-of-text id is 11. Row 0 reaches it after 2 tokens, row 1 after 5.
+    stream = stub_sampler.generate([[9], [6]], 10, temperature=0, stop_at_eot=True)
+    out = np.concatenate(list(stream), axis=1)
+    assert out.tolist() == [[10, 11, 11, 11, 11], [7, 8, 9, 10, 11]]
+    assert stream.done.all()
+
+
+def test_without_stop_at_eot_generation_runs_on(stub_sampler):
+    out = generate(stub_sampler, [[9]], 6, temperature=0)
+    assert out.tolist() == [[10, 11, 0, 1, 2, 3]]
+
+
+def test_stop_rows_from_outside(stub_sampler):
+    stream = stub_sampler.generate([[0], [0]], 8, temperature=0, max_chunk=1)
+    seen = []
+    for chunk in stream:
+        seen.append(chunk)
+        if len(seen) == 2:
+            stream.stop([1])
+    out = np.concatenate(seen, axis=1)
+    assert out[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert out[1].tolist()[:2] == [1, 2] and set(out[1].tolist()[2:]) == {11}
+
+
+@pytest.mark.parametrize("length,prompt,message", [
+    (17, 1, "longer than window size: 16"),
+    (10, 8, "leaves room for 9 new tokens"),
+    (5, 20, "shorten the prompt"),
+    (0, 1, "--length"),
+])
+def test_window_errors_say_how_much_room_there_is(stub_sampler, length, prompt, message):
+    with pytest.raises(UserError, match=message):
+        stub_sampler.generate([[1] * prompt], length)
+
+
+def test_a_prompt_that_exactly_fits(stub_sampler):
+    # 8 prompt tokens + 9 new: the last new token is never fed back, so 16 positions suffice.
+    assert generate(stub_sampler, [[1] * 8], 9, temperature=0).shape == (1, 9)
+
+
+@pytest.mark.parametrize("knobs,message", [
+    (dict(top_k=-1), "--top_k"),
+    (dict(top_k=1.5), "--top_k"),
+    (dict(top_p=0.0), "--top_p"),
+    (dict(top_p=1.5), "--top_p"),
+    (dict(temperature=-0.1), "--temperature"),
+    (dict(temperature=float("nan")), "--temperature"),
+])
+def test_bad_knobs_are_user_errors(stub_sampler, knobs, message):
+    with pytest.raises(UserError, match=message):
+        stub_sampler.generate([[1]], 3, **knobs)
