@@ -1,0 +1,122 @@
+"""The released checkpoint format: what we write, TF1 reads; what TF1 writes, we read; bad files fail clearly."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoint
+from cli import UserError
+from hparams import SIZES, HParams
+
+SMALL = HParams(n_vocab=50257, n_ctx=16, n_embd=8, n_head=2, n_layer=1)
+RELEASED_FILES = {"checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+                  "model.ckpt.index", "model.ckpt.meta", "vocab.bpe"}
+
+
+def test_variable_names_and_shapes_of_124M():
+    shapes = checkpoint.variable_shapes(SIZES["124M"])
+    assert len(shapes) == 148
+    assert shapes["model/wte"] == [50257, 768]
+    assert shapes["model/wpe"] == [1024, 768]
+    assert shapes["model/h0/attn/c_attn/w"] == [1, 768, 2304]
+    assert shapes["model/h11/mlp/c_proj/w"] == [1, 3072, 768]
+    assert shapes["model/ln_f/g"] == [768]
+    # The parameter count the model is named for.
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 124_439_808
+
+
+def test_writer_makes_the_released_file_set(tmp_path):
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL, seed=3)
+    assert set(os.listdir(path)) == RELEASED_FILES
+    with open(os.path.join(path, "checkpoint")) as f:
+        assert f.read() == 'model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n'
+    with open(os.path.join(path, "hparams.json")) as f:
+        assert f.read().startswith('{\n  "n_vocab": 50257,\n  "n_ctx": 16,')
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left behind
+
+
+def test_tf1_name_based_restore_reads_what_we_write(tmp_path):
+    weights = checkpoint.random_weights(SMALL, seed=4)
+    path = checkpoint.write_model_dir(str(tmp_path / "m"), SMALL, weights)
+    graph = tf.Graph()
+    with graph.as_default():
+        # The way TF1 code (the reference's scripts) restores: variables by name, a Saver.
+        variables = {name: tf.compat.v1.get_variable(name, shape) for name, shape in
+                     checkpoint.variable_shapes(SMALL).items()}
+        saver = tf.compat.v1.train.Saver(var_list=variables)
+        with tf.compat.v1.Session(graph=graph) as session:
+            saver.restore(session, tf.train.latest_checkpoint(path))
+            restored = session.run(variables)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(restored[name], value)
+
+
+def test_reader_returns_the_written_values(tmp_path):
+    weights = checkpoint.random_weights(SMALL, seed=5)
+    path = checkpoint.write_model_dir(str(tmp_path / "m"), SMALL, weights)
+    read = checkpoint.read_weights(path, SMALL)
+    assert set(read) == set(weights)
+    for name in weights:
+        np.testing.assert_array_equal(read[name].numpy(), weights[name])
+
+
+def test_rewriting_replaces_the_model(tmp_path):
+    path = str(tmp_path / "m")
+    checkpoint.write_random_model(path, SMALL, seed=1)
+    checkpoint.write_random_model(path, SMALL, seed=2)
+    read = checkpoint.read_weights(path, SMALL)
+    np.testing.assert_array_equal(read["model/wte"].numpy(), checkpoint.random_weights(SMALL, seed=2)["model/wte"])
+
+
+def test_mismatched_hparams_name_the_misshaped_variables(tmp_path):
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL)
+    wider = HParams(n_vocab=50257, n_ctx=16, n_embd=12, n_head=2, n_layer=1)
+    with pytest.raises(UserError, match=r"mis-shaped: model/wte \[50257, 8\] \(expected \[50257, 12\]\).* and 11 more"):
+        checkpoint.read_weights(path, wider)
+
+
+def test_missing_and_unexpected_variables_are_named(tmp_path):
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL)
+    deeper = HParams(n_vocab=50257, n_ctx=16, n_embd=8, n_head=2, n_layer=2)
+    with pytest.raises(UserError, match=r"missing: model/h1/"):
+        checkpoint.read_weights(path, deeper)
+    shallower_path = checkpoint.write_random_model(str(tmp_path / "deep"), deeper)
+    with pytest.raises(UserError, match=r"unexpected: model/h1/"):
+        checkpoint.read_weights(shallower_path, SMALL)
+
+
+def test_truncated_data_file_is_a_user_error(tmp_path):
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL)
+    data = os.path.join(path, "model.ckpt.data-00000-of-00001")
+    size = os.path.getsize(data)
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(UserError, match="corrupt or truncated.*download_model.py"):
+        checkpoint.read_weights(path, SMALL)
+
+
+def test_corrupted_bytes_are_caught_by_the_checksums(tmp_path):
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL)
+    data = os.path.join(path, "model.ckpt.data-00000-of-00001")
+    with open(data, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        checkpoint.read_weights(path, SMALL)
+
+
+def test_garbage_index_is_a_user_error(tmp_path):
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL)
+    with open(os.path.join(path, "model.ckpt.index"), "wb") as f:
+        f.write(b"<html>not found</html>")
+    with pytest.raises(UserError, match="unreadable"):
+        checkpoint.read_weights(path, SMALL)
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no checkpoint"):
+        checkpoint.read_weights(str(tmp_path / "empty"), SMALL)

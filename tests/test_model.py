@@ -1,0 +1,100 @@
+"""The transformer: names and shapes, cached passes equal full passes, loading errors."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoint
+import model
+from cli import UserError
+
+
+def tokens(batch, length, seed=0, vocab=50257):
+    return np.random.default_rng(seed).integers(0, vocab, [batch, length]).astype(np.int32)
+
+
+def test_variables_have_the_checkpoint_names_and_shapes(tiny_lm):
+    expected = checkpoint.variable_shapes(tiny_lm.hparams)
+    found = {v.name[:-2]: v.shape.as_list() for v in tiny_lm.trainable_variables}
+    assert found == expected
+
+
+def test_output_shapes_match_the_reference_api(tiny_lm):
+    hp = tiny_lm.hparams
+    out = tiny_lm(tokens(3, 5))
+    assert out["logits"].shape == (3, 5, hp.n_vocab) and out["logits"].dtype == tf.float32
+    assert out["present"].shape == (3, hp.n_layer, 2, hp.n_head, 5, hp.head_dim)
+
+
+@pytest.mark.parametrize("split", [1, 4, 8])
+def test_pass_with_past_equals_the_full_pass(tiny_lm, split):
+    x = tokens(2, 9, seed=split)
+    full = tiny_lm(x)
+    first = tiny_lm(x[:, :split])
+    rest = tiny_lm(x[:, split:], past=first["present"])
+    np.testing.assert_allclose(first["logits"], full["logits"][:, :split], atol=1e-5)
+    np.testing.assert_allclose(rest["logits"], full["logits"][:, split:], atol=1e-5)
+    np.testing.assert_allclose(rest["present"], full["present"][..., split:, :], atol=1e-5)
+
+
+def test_cached_decoding_equals_the_full_pass(tiny_lm):
+    x = tokens(3, 12, seed=7)
+    full = tiny_lm(x)["logits"].numpy()
+    pad = tf.zeros([3], tf.int32)
+    logits, caches = tiny_lm.prefill(tf.constant(x[:, :5]), pad, 12)
+    np.testing.assert_allclose(logits, full[:, 4], atol=1e-5)
+    step = tf.function(tiny_lm.decode_step)
+    for pos in range(5, 12):
+        logits, caches = step(tf.constant(x[:, pos]), tf.constant(pos), pad, caches)
+        np.testing.assert_allclose(logits, full[:, pos], atol=1e-5)
+
+
+def test_left_padding_does_not_change_a_row(tiny_lm):
+    x = tokens(1, 6, seed=9)
+    alone = tiny_lm(x)["logits"].numpy()[0]
+    padded = np.concatenate([np.full([1, 3], 50256, np.int32), x], axis=1)
+    logits, _ = tiny_lm._forward_no_past(tf.constant(padded), tf.constant([3]))
+    np.testing.assert_allclose(logits.numpy()[0, 3:], alone, atol=1e-5)
+
+
+def test_bfloat16_stays_close_to_float32(tiny_models_dir, tiny_lm):
+    lm16 = model.load_model("tiny", tiny_models_dir, dtype="bfloat16")
+    assert lm16.weights["model/h0/mlp/c_fc/w"].dtype == tf.bfloat16
+    assert lm16.weights["model/h0/ln_1/g"].dtype == tf.float32
+    x = tokens(2, 7, seed=3)
+    a = tiny_lm(x)["logits"].numpy()
+    b = lm16(x)["logits"].numpy()
+    assert b.dtype == np.float32
+    # bf16 keeps 8 bits of mantissa: logits agree to a few percent of their spread.
+    assert np.abs(a - b).max() < 0.05 * (a.max() - a.min())
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) > 0.8
+
+
+def test_missing_model_says_how_to_download(tmp_path):
+    with pytest.raises(UserError, match=r"model '124M' not found in .*download_model.py 124M"):
+        model.load_model("124M", str(tmp_path))
+
+
+def test_legacy_names_resolve(tmp_path, tiny_models_dir):
+    shutil.copytree(os.path.join(tiny_models_dir, "tiny"), tmp_path / "124M")
+    lm = model.load_model("117M", str(tmp_path))
+    assert lm.path.endswith("124M")
+
+
+def test_models_dir_expands_variables(tmp_path, tiny_models_dir, monkeypatch):
+    monkeypatch.setenv("GPT2_TEST_MODELS", tiny_models_dir)
+    assert model.load_model("tiny", "$GPT2_TEST_MODELS").hparams.n_layer == 2
+
+
+def test_bad_dtype_is_a_user_error(tiny_models_dir):
+    with pytest.raises(UserError, match="--dtype"):
+        model.load_model("tiny", tiny_models_dir, dtype="float16")
+
+
+def test_malformed_hparams_is_a_user_error(tmp_path, tiny_models_dir):
+    shutil.copytree(os.path.join(tiny_models_dir, "tiny"), tmp_path / "m")
+    (tmp_path / "m" / "hparams.json").write_text('{"n_vocab": 50257, "n_layers": 2}')
+    with pytest.raises(UserError, match="not a GPT-2 hparams file"):
+        model.load_model("m", str(tmp_path))
