@@ -33,7 +33,7 @@ def tiny_lm(tiny_models_dir):
 
 
 def run_script(script, *args, stdin=None, timeout=300, env=None):
-    """Runs a script from src/ (or the repo root) as a user would; returns the CompletedProcess."""
+    """Runs a script from src/ (or the repo root) as a user would; stdout and stderr come back as text."""
     import subprocess
 
     path = os.path.join(SRC_DIR, script)
@@ -41,5 +41,10 @@ def run_script(script, *args, stdin=None, timeout=300, env=None):
         path = os.path.join(REPO_ROOT, script)
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONIOENCODING="utf-8")
     full_env.update(env or {})
-    return subprocess.run([sys.executable, path, *map(str, args)], input=stdin, capture_output=True,
-                          timeout=timeout, env=full_env, cwd=REPO_ROOT)
+    if isinstance(stdin, str):
+        stdin = stdin.encode("utf-8")
+    result = subprocess.run([sys.executable, path, *map(str, args)], input=stdin, capture_output=True,
+                            timeout=timeout, env=full_env, cwd=REPO_ROOT)
+    result.stdout = result.stdout.decode("utf-8", errors="replace")
+    result.stderr = result.stderr.decode("utf-8", errors="replace")
+    return result
