@@ -98,3 +98,18 @@ def test_malformed_hparams_is_a_user_error(tmp_path, tiny_models_dir):
     (tmp_path / "m" / "hparams.json").write_text('{"n_vocab": 50257, "n_layers": 2}')
     with pytest.raises(UserError, match="not a GPT-2 hparams file"):
         model.load_model("m", str(tmp_path))
+
+
+def test_logits_match_hugging_face_transformers(tiny_lm):
+    """An independent implementation on the same weights (runs when torch and transformers are installed)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import hf_compat
+
+    hf = hf_compat.to_hf(tiny_lm)
+    for batch, length in [(1, 1), (1, 13), (3, 7), (2, tiny_lm.hparams.n_ctx)]:
+        x = tokens(batch, length, seed=length)
+        ours = tiny_lm(x)["logits"].numpy()
+        with torch.no_grad():
+            theirs = hf(torch.from_numpy(x.astype(np.int64))).logits.numpy()
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
