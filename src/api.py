@@ -7,6 +7,7 @@
 """
 import codecs
 
+import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
 import tensorflow as tf
 
 import encoder as encoder_lib

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 import numpy as np
+import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
 import tensorflow as tf
 
 from cli import UserError

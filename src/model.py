@@ -9,6 +9,7 @@ Two ways in:
 """
 import math
 
+import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
 import tensorflow as tf
 
 import checkpoint

@@ -7,6 +7,7 @@ Knobs (temperature, top_k, top_p, seed) are tensors: one trace serves every valu
 import os
 
 import numpy as np
+import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
 import tensorflow as tf
 
 from cli import UserError
