@@ -60,6 +60,7 @@ def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M
     import sample
 
     console.use_safe_stdout()
+    cli.fast_start()
     text = read_text(prompt, prompt_file)
     prompts = [line for line in text.splitlines() if line.strip()] if per_line else [text]
     if not prompts or not all(prompts):

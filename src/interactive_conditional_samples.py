@@ -54,6 +54,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     import sample
 
     console.use_safe_stdout()
+    cli.fast_start()
     cli.check_counts(nsamples, batch_size)
     sample.check_knobs(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)

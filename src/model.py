@@ -55,9 +55,9 @@ class GPT2(tf.Module):
             if tf.as_dtype(getattr(value, "dtype", tf.float32)) != dtype:
                 value = tf.cast(value, dtype)
             self.weights[name] = tf.Variable(value, trainable=True, name=name)
-        self._forward_no_past = tf.function(self._forward, input_signature=[
+        self._forward_no_past = tf.function(self._forward, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
-        self._forward_with_past = tf.function(self._forward_past, input_signature=[
+        self._forward_with_past = tf.function(self._forward_past, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.int32),
             tf.TensorSpec([None, hparams.n_layer, 2, hparams.n_head, None, hparams.head_dim], tf.float32),
             tf.TensorSpec([None], tf.int32)])
@@ -81,9 +81,10 @@ class GPT2(tf.Module):
         """x [..., in] times the conv1d weight [1, in, out], plus bias."""
         w = self._w(scope + "/w")
         n_in, n_out = w.shape[1], w.shape[2]
-        y = tf.matmul(tf.reshape(tf.cast(x, w.dtype), [-1, n_in]), tf.reshape(w, [n_in, n_out]))
+        flat = x if x.shape.rank == 2 else tf.reshape(x, [-1, n_in])
+        y = tf.matmul(tf.cast(flat, w.dtype), tf.reshape(w, [n_in, n_out]))
         y = tf.cast(y, tf.float32) + self._w(scope + "/b")
-        return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [n_out]], 0))
+        return y if x.shape.rank == 2 else tf.reshape(y, tf.concat([tf.shape(x)[:-1], [n_out]], 0))
 
     def _norm(self, x, scope):
         return norm(x, self._w(scope + "/g"), self._w(scope + "/b"))

@@ -132,13 +132,15 @@ class Sampler:
             dtype = getattr(lm, "compute_dtype", tf.float32)
             state_spec = [tf.TensorSpec([None, hp.head_dim], dtype) for _ in range(hp.n_layer)]
         knobs = [scalar(tf.float32), scalar(tf.int32), scalar(tf.float32), scalar(tf.int32)]
-        self._prefill = tf.function(lm.prefill, input_signature=[
+        # autograph=False: the loop is written with tf.while_loop already, and converting the
+        # code would double the seconds spent tracing before the first token.
+        self._prefill = tf.function(lm.prefill, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), scalar(tf.int32)])
-        self._run_chunk = tf.function(self._chunk, input_signature=[
+        self._run_chunk = tf.function(self._chunk, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.float32), state_spec, scalar(tf.int32),
             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.bool), scalar(tf.int32),
             *knobs, scalar(tf.int32), scalar(tf.bool)])
-        self._sample_last = tf.function(self._last, input_signature=[
+        self._sample_last = tf.function(self._last, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool),
             *knobs, scalar(tf.int32), scalar(tf.bool)])
 
