@@ -30,12 +30,41 @@ def fail(message, status=2):
     sys.exit(status)
 
 
-def fast_start():
-    """Skips Grappler's graph rewrites in the scripts' processes: on the decode loop they cost
-    about a second before the first token and bought no measurable speed. GPT2_GRAPPLER=1 keeps them."""
-    if os.environ.get("GPT2_GRAPPLER") != "1":
-        import tensorflow as tf
+def import_tensorflow():
+    """Imports TensorFlow and finds its devices without letting its start-up log lines (CUDA
+    probing on machines with no GPU, written before its log level applies) reach the terminal;
+    they are shown if the import fails, or always with GPT2_VERBOSE_TF=1."""
+    if "tensorflow" in sys.modules or os.environ.get("GPT2_VERBOSE_TF") == "1":
+        import tensorflow
 
+        return tensorflow
+    import tempfile
+
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            import tensorflow
+
+            tensorflow.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved_stderr, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode("utf-8", errors="replace"))
+            raise
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+    return tensorflow
+
+
+def fast_start():
+    """Prepares TensorFlow for a script: imports it quietly and skips Grappler's graph rewrites,
+    which cost about a second before the first token and bought no measurable speed on the
+    decode loop. GPT2_GRAPPLER=1 keeps them."""
+    tf = import_tensorflow()
+    if os.environ.get("GPT2_GRAPPLER") != "1":
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 

@@ -55,19 +55,18 @@ def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M
         dtype: float32 (default, exact) or bfloat16 (faster on GPUs and some CPUs).
     """
     # Imported here so --help answers without starting TensorFlow.
+    cli.fast_start()
     import api
     import console
     import sample
 
     console.use_safe_stdout()
-    cli.fast_start()
     text = read_text(prompt, prompt_file)
     prompts = [line for line in text.splitlines() if line.strip()] if per_line else [text]
     if not prompts or not all(prompts):
         raise cli.UserError("the prompt is empty: give some text")
-    cli.check_counts(nsamples, 1 if per_line else batch_size)
-    if per_line:
-        cli.check_counts(1, batch_size)
+    cli.check_counts(nsamples, batch_size if not per_line else 1)
+    cli.check_counts(batch_size, batch_size)  # batch_size itself: a whole number >= 1
     sample.check_knobs(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:

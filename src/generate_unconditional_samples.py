@@ -25,12 +25,12 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
         dtype: float32 (default, exact) or bfloat16 (faster on GPUs and some CPUs).
     """
     # Imported here so --help answers without starting TensorFlow.
+    cli.fast_start()
     import api
     import console
     import sample
 
     console.use_safe_stdout()
-    cli.fast_start()
     cli.check_counts(nsamples, batch_size, allow_forever=True)
     sample.check_knobs(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)

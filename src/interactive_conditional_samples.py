@@ -49,12 +49,12 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
         dtype: float32 (default, exact) or bfloat16 (faster on GPUs and some CPUs).
     """
     # Imported here so --help answers without starting TensorFlow.
+    cli.fast_start()
     import api
     import console
     import sample
 
     console.use_safe_stdout()
-    cli.fast_start()
     cli.check_counts(nsamples, batch_size)
     sample.check_knobs(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)

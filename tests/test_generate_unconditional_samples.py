@@ -1,0 +1,80 @@
+"""End-to-end runs of generate_unconditional_samples.py on a tiny random model."""
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT, SRC_DIR, run_script
+
+SCRIPT = "generate_unconditional_samples.py"
+FLAGS = ["model_name", "seed", "nsamples", "batch_size", "length", "temperature", "top_k", "top_p",
+         "models_dir", "stop_at_eot", "stop", "dtype"]
+
+
+def headers(stdout):
+    return [int(n) for n in re.findall(r"={40} SAMPLE (\d+) ={40}\n", stdout)]
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_help_documents_every_flag():
+    result = run_script(SCRIPT, "--help", env={"PAGER": "cat"})
+    assert result.returncode == 0
+    for flag in FLAGS:
+        assert f"--{flag}" in result.stdout + result.stderr, flag
+
+
+def test_samples_are_numbered_one_to_n_for_any_batch_size(tiny_models_dir):
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 6,
+                        "--batch_size", 3, "--length", 5, "--seed", 1)
+    assert result.returncode == 0, result.stderr
+    assert headers(result.stdout) == [1, 2, 3, 4, 5, 6]
+
+
+def test_seed_repeats_the_output(tiny_models_dir):
+    args = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 2, "--length", 12, "--top_k", 40]
+    a = run_script(SCRIPT, *args, "--seed", 5)
+    b = run_script(SCRIPT, *args, "--seed", 5)
+    c = run_script(SCRIPT, *args, "--seed", 6)
+    assert a.returncode == b.returncode == c.returncode == 0
+    assert a.stdout == b.stdout
+    assert a.stdout != c.stdout
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--nsamples", 3, "--batch_size", 2], r"--nsamples \(3\) must be a multiple of --batch_size \(2\)"),
+    (["--length", 65], r"Can't get samples longer than window size: 64"),
+    (["--top_k", -1], r"--top_k"),
+    (["--top_p", 0], r"--top_p must be in \(0, 1\]"),
+    (["--top_p", 1.5], r"--top_p must be in \(0, 1\]"),
+    (["--temperature", -1], r"--temperature"),
+    (["--model_name", "355M"], r"model '355M' not found .*download_model.py 355M"),
+])
+def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
+    base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1, "--length", 3]
+    assert_one_line_error(run_script(SCRIPT, *base, *args), pattern)
+
+
+def test_nsamples_zero_runs_until_ctrl_c(tiny_models_dir):
+    process = subprocess.Popen(
+        [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+         "--nsamples", "0", "--length", "4", "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    seen = ""
+    deadline = time.time() + 240
+    while headers(seen)[-1:] < [3] and time.time() < deadline:
+        seen += process.stdout.readline()
+    assert headers(seen)[:3] == [1, 2, 3]
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err

@@ -1,0 +1,82 @@
+"""The interactive loop, driven through standard input."""
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO_ROOT, SRC_DIR, run_script
+from test_generate_unconditional_samples import FLAGS, headers
+
+SCRIPT = "interactive_conditional_samples.py"
+
+
+def run(models_dir, stdin, *args):
+    return run_script(SCRIPT, "--model_name", "tiny", "--models_dir", models_dir, "--length", 6, "--seed", 3,
+                      *args, stdin=stdin)
+
+
+def test_help_documents_every_flag_and_multiline_prompts():
+    result = run_script(SCRIPT, "--help", env={"PAGER": "cat"})
+    assert result.returncode == 0
+    for flag in FLAGS:
+        assert f"--{flag}" in result.stdout + result.stderr, flag
+    assert "backslash" in result.stdout + result.stderr
+
+
+def test_prompts_until_end_of_input(tiny_models_dir):
+    result = run(tiny_models_dir, "Hello there\n\nA second prompt\n", "--nsamples", 2, "--batch_size", 2)
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert out.count("Model prompt >>> ") == 4  # two prompts, the empty one, and the last at EOF
+    assert out.count("Prompt should not be empty!") == 1
+    assert headers(out) == [1, 2, 1, 2]
+    assert out.count("=" * 80 + "\n") == 2
+
+
+def test_backslash_continues_the_prompt(tiny_models_dir):
+    result = run(tiny_models_dir, "first line\\\nsecond line\n")
+    out = result.stdout
+    assert result.returncode == 0
+    assert out.count("=" * 80 + "\n") == 1  # one prompt, not two
+    assert "... " in out
+
+
+def test_same_seed_same_samples_across_runs(tiny_models_dir):
+    a = run(tiny_models_dir, "Once upon a time\n", "--top_k", 40)
+    b = run(tiny_models_dir, "Once upon a time\n", "--top_k", 40)
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_too_long_prompt_is_reported_and_the_loop_goes_on(tiny_models_dir):
+    long_prompt = " word" * 70
+    result = run(tiny_models_dir, long_prompt + "\nshort\n")
+    assert result.returncode == 0
+    err = result.stderr
+    assert "Traceback" not in err
+    assert re.search(r"the prompt is 70 tokens", err)
+    assert headers(result.stdout) == [1]
+
+
+def test_undecodable_input_is_a_one_line_error(tiny_models_dir):
+    result = run(tiny_models_dir, b"caf\xe9\n")
+    err = result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "UTF-8" in err
+
+
+def test_ctrl_c_at_the_prompt_exits_zero(tiny_models_dir):
+    process = subprocess.Popen(
+        [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    # Wait for the prompt, which is printed without a newline.
+    seen = b""
+    deadline = time.time() + 240
+    while b">>> " not in seen and time.time() < deadline:
+        seen += process.stdout.read1(100)
+    assert b"Model prompt >>> " in seen
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert b"Traceback" not in err
