@@ -1,0 +1,97 @@
+"""The Python API: generate, stream, stop strings, end-of-text, prompts of different lengths."""
+import numpy as np
+import pytest
+
+import api
+from cli import UserError
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny_models_dir):
+    return api.load("tiny", tiny_models_dir)
+
+
+def greedy_tokens(gpt, prompt, length):
+    """Greedy continuation by repeated full passes: independent of the cached decode loop."""
+    tokens = gpt.encode(prompt)
+    for _ in range(length):
+        logits = gpt.lm(np.array([tokens], np.int32))["logits"].numpy()[0, -1]
+        tokens.append(int(np.argmax(logits)))
+    return tokens[len(gpt.encode(prompt)):]
+
+
+def test_greedy_generation_equals_repeated_full_passes(gpt):
+    for prompt in ["Hello", "The quick brown fox jumps over"]:
+        expected = gpt.decode(greedy_tokens(gpt, prompt, 10))
+        assert gpt.generate(prompt, length=10, temperature=0) == expected
+
+
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(gpt):
+    prompts = ["Hi", "A considerably longer prompt than the first", "Mid length one"]
+    batch = gpt.generate(prompts, length=8, temperature=0)
+    assert batch == [gpt.generate(p, length=8, temperature=0) for p in prompts]
+
+
+def test_stream_yields_pieces_as_they_are_made(gpt):
+    pieces = list(gpt.stream("Streaming", length=30, temperature=0))
+    assert len(pieces) > 3  # chunks of 1, 2, 4, 8, ... tokens arrive one by one
+    assert {row for row, _ in pieces} == {0}
+    assert "".join(p for _, p in pieces) == gpt.generate("Streaming", length=30, temperature=0)
+
+
+def test_stop_string_cuts_the_text_and_ends_the_row(gpt):
+    full = gpt.generate("Once", length=30, temperature=0)
+    stop = full[5:9]
+    assert stop and stop in full
+    cut = gpt.generate("Once", length=30, temperature=0, stop=stop)
+    assert cut == full[:full.index(stop)]
+    # A list of stop strings: the earliest match wins.
+    assert gpt.generate("Once", length=30, temperature=0, stop=["zzzz-never", stop]) == cut
+
+
+def test_row_text_stops_at_eot_and_holds_back_a_possible_stop_string(gpt):
+    enc = gpt.encoder
+    ids = enc.encode("Hello world, and goodbye")
+    row = api._RowText(enc, stop=None, stop_at_eot=True)
+    assert row.feed(ids[:2]) == "Hello world"
+    assert row.feed(ids[2:] + [enc.eot_token] + enc.encode(" after")) == ", and goodbye"
+    assert row.finished and row.feed(enc.encode("more")) == ""
+    # A stop string split across chunks: the part that could start it is held back.
+    row = api._RowText(enc, stop="and good", stop_at_eot=False)
+    first = row.feed(enc.encode("Hello world, and"))
+    assert first == "Hello world, " and not row.finished
+    assert row.feed(enc.encode(" goodbye")) == ""
+    assert row.finished
+    # Held-back text that turns out not to be a stop string comes out in the end.
+    row = api._RowText(enc, stop="and good", stop_at_eot=False)
+    text = row.feed(enc.encode("Hello world, and")) + row.feed(enc.encode(" so")) + row.finish()
+    assert text == "Hello world, and so"
+
+
+def test_a_character_split_across_tokens_comes_out_whole(gpt):
+    enc = gpt.encoder
+    ids = enc.encode("\U0001d518")  # one character, three tokens
+    assert len(ids) == 3
+    row = api._RowText(enc, stop=None, stop_at_eot=False)
+    pieces = [row.feed([t]) for t in ids] + [row.finish()]
+    assert pieces[-2:] == ["\U0001d518", ""] and all(p == "" for p in pieces[:-2])
+
+
+def test_same_seed_same_text(gpt):
+    a = gpt.generate("Seeded", length=12, top_k=40, seed=7)
+    b = gpt.generate("Seeded", length=12, top_k=40, seed=7)
+    c = gpt.generate("Seeded", length=12, top_k=40, seed=8)
+    assert a == b and a != c
+
+
+def test_empty_prompt_is_a_user_error(gpt):
+    with pytest.raises(UserError, match="Prompt should not be empty"):
+        gpt.generate("", length=3)
+
+
+def test_multibyte_characters_are_never_split_in_the_stream(gpt):
+    # Whatever the model makes, each piece decodes on its own (no stray U+FFFD from a split
+    # character) and the pieces join to the full text.
+    pieces = [p for _, p in gpt.stream("日本語", length=40, top_k=0, seed=3)]
+    full = gpt.generate("日本語", length=40, top_k=0, seed=3)
+    assert "".join(pieces) == full
