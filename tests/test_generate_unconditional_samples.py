@@ -64,6 +64,16 @@ def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
     assert_one_line_error(run_script(SCRIPT, *base, *args), pattern)
 
 
+def test_corrupt_checkpoint_gets_a_one_line_error(tiny_models_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(f"{tiny_models_dir}/tiny", tmp_path / "tiny")
+    data = tmp_path / "tiny" / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:1000])
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tmp_path, "--nsamples", 1, "--length", 3)
+    assert_one_line_error(result, r"corrupt or truncated.*download the model again")
+
+
 def test_nsamples_zero_runs_until_ctrl_c(tiny_models_dir):
     process = subprocess.Popen(
         [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir,
