@@ -55,6 +55,10 @@ class GPT2(tf.Module):
             if tf.as_dtype(getattr(value, "dtype", tf.float32)) != dtype:
                 value = tf.cast(value, dtype)
             self.weights[name] = tf.Variable(value, trainable=True, name=name)
+        cache_spec = [tf.TensorSpec([None, hparams.head_dim], self.compute_dtype)] * hparams.n_layer
+        self.step = tf.function(self._step, autograph=False, input_signature=[
+            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32),
+            cache_spec])
         self._forward_no_past = tf.function(self._forward, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
         self._forward_with_past = tf.function(self._forward_past, autograph=False, input_signature=[
@@ -130,7 +134,7 @@ class GPT2(tf.Module):
     def _forward_past(self, tokens, past, pad):
         return self._forward(tokens, pad, past)
 
-    def _forward(self, tokens, pad, past=None, return_hidden=False, last_only=False):
+    def _forward(self, tokens, pad, past=None, return_hidden=False):
         """Logits [B, T, V] and present [B, L, 2, H, T, D] for tokens [B, T] after `past`.
 
         `pad` [B] counts left-padding tokens per row: they get no attention and positions
@@ -160,14 +164,49 @@ class GPT2(tf.Module):
             h = h + self._mlp(h, i)
             hiddens.append(h)
         h = self._norm(h, "ln_f")
-        if last_only:
-            h = h[:, -1:]  # the sampler needs only the next token's logits
         present = tf.stack(presents, axis=1)  # [B, L, 2, H, T, D]
         if return_hidden:
             return self._logits(h), present, hiddens[:-1] + [h]
         return self._logits(h), present
 
     # --- cached decoding (the sampler's hot path) ----------------------------------------
+
+    def _step(self, tokens, pos, pad, caches):
+        """Runs tokens [B, T] at positions pos..pos+T-1 against the caches, writing their keys
+        and values into them in place; returns the last position's logits [B, V] and the caches.
+
+        The prompt (T = its length) and each new token (T = 1) go through this one function, so
+        it is traced once. The caches are updated with InplaceUpdate, which reuses the buffer:
+        safe only because no other reference to a cache outlives the step.
+        """
+        hp = self.hparams
+        b, t = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        capacity = tf.shape(caches[0])[0] // (2 * b * hp.n_head)
+        query_pos = pos + tf.range(t)  # [T]
+        key_pos = tf.range(capacity)  # [S]
+        keep = tf.logical_and(key_pos[None, None, :] <= query_pos[None, :, None],  # causal [1, T, S]
+                              key_pos[None, None, :] >= pad[:, None, None])  # not padding [B, 1, S]
+        keep = tf.cast(keep, tf.float32)[:, None]  # [B, 1, T, S]
+        # Flat cache rows for these positions: (kv, batch, head) blocks of `capacity` rows each.
+        rows = tf.reshape(tf.range(2 * b * hp.n_head)[:, None] * capacity + query_pos[None, :], [-1])
+        h = self._embed(tokens, tf.maximum(query_pos[None, :] - pad[:, None], 0))  # [B, T, d]
+        x = tf.reshape(h, [b * t, hp.n_embd])
+        new_caches = []
+        for i in range(hp.n_layer):
+            qkv = self._linear(self._norm(x, f"h{i}/ln_1"), f"h{i}/attn/c_attn")  # [B*T, 3d]
+            qkv = tf.reshape(qkv, [b, t, 3, hp.n_head, hp.head_dim])
+            q = tf.transpose(qkv[:, :, 0], [0, 2, 1, 3])  # [B, H, T, D]
+            kv = tf.transpose(qkv[:, :, 1:], [2, 0, 3, 1, 4])  # [2, B, H, T, D]
+            cache = tf.raw_ops.InplaceUpdate(x=caches[i], i=rows,
+                                             v=tf.cast(tf.reshape(kv, [-1, hp.head_dim]), caches[i].dtype))
+            new_caches.append(cache)
+            cache = tf.reshape(cache, [2, b, hp.n_head, capacity, hp.head_dim])
+            a = self._attend(q, cache[0], cache[1], keep)  # [B, H, T, D]
+            a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [b * t, hp.n_embd])
+            x = x + self._linear(a, f"h{i}/attn/c_proj")
+            x = x + self._mlp(x, i)
+        last = tf.reshape(x, [b, t, hp.n_embd])[:, -1]
+        return self._logits(self._norm(last, "ln_f")), new_caches
 
     def prefill(self, tokens, pad, capacity):
         """Runs the prompt and returns the last position's logits and a decode cache.
@@ -181,43 +220,16 @@ class GPT2(tf.Module):
             viewed as [2, B, H, capacity, D].
         """
         hp = self.hparams
-        logits, present = self._forward(tokens, pad, last_only=True)
-        b, t = tf.shape(tokens)[0], tf.shape(tokens)[1]
-        cache_dtype = self.compute_dtype
-        present = tf.cast(tf.transpose(present, [1, 2, 0, 3, 4, 5]), cache_dtype)  # [L, 2, B, H, T, D]
-        present = tf.pad(present, [[0, 0]] * 4 + [[0, capacity - t], [0, 0]])
-        caches = [tf.reshape(present[i], [-1, hp.head_dim]) for i in range(hp.n_layer)]
-        return logits[:, -1], caches
+        rows = 2 * tf.shape(tokens)[0] * hp.n_head * capacity
+        # Empty is stateful, so graph rewrites never merge the layers' caches into one buffer
+        # (identical tf.zeros would be), which in-place updates would then share.
+        caches = [tf.raw_ops.Empty(shape=tf.stack([rows, hp.head_dim]), dtype=self.compute_dtype, init=True)
+                  for _ in range(hp.n_layer)]
+        return self.step(tokens, tf.constant(0), pad, caches)
 
     def decode_step(self, token, pos, pad, caches):
-        """One token per row at position `pos`: next-token logits [B, V] and the updated caches.
-
-        Call inside a tf.function loop: each cache is updated in place (InplaceUpdate forwards
-        the buffer, which is only safe because no other reference to it outlives the step).
-        """
-        hp = self.hparams
-        b = tf.shape(token)[0]
-        rows_per_cache = tf.shape(caches[0])[0]
-        capacity = rows_per_cache // (2 * b * hp.n_head)
-        key_pos = tf.range(capacity)
-        keep = tf.logical_and(key_pos[None, :] <= pos, key_pos[None, :] >= pad[:, None])
-        keep = tf.cast(keep, tf.float32)[:, None, None, :]  # [B, 1, 1, S]
-        # Flat cache rows for this position: (kv, batch, head) blocks of `capacity` rows each.
-        rows = tf.range(2 * b * hp.n_head) * capacity + pos
-        h = self._embed(token, pos - pad)  # [B, d]
-        new_caches = []
-        for i in range(hp.n_layer):
-            qkv = self._linear(self._norm(h, f"h{i}/ln_1"), f"h{i}/attn/c_attn")  # [B, 3d]
-            q = tf.reshape(qkv[:, :hp.n_embd], [b, hp.n_head, 1, hp.head_dim])
-            kv = tf.reshape(qkv[:, hp.n_embd:], [b, 2, hp.n_head, hp.head_dim])
-            kv = tf.reshape(tf.transpose(kv, [1, 0, 2, 3]), [-1, hp.head_dim])  # [2*B*H, D]
-            cache = tf.raw_ops.InplaceUpdate(x=caches[i], i=rows, v=tf.cast(kv, caches[i].dtype))
-            new_caches.append(cache)
-            cache = tf.reshape(cache, [2, b, hp.n_head, capacity, hp.head_dim])
-            a = self._attend(q, cache[0], cache[1], keep)  # [B, H, 1, D]
-            h = h + self._linear(tf.reshape(a, [b, hp.n_embd]), f"h{i}/attn/c_proj")
-            h = h + self._mlp(h, i)
-        return self._logits(self._norm(h, "ln_f")), new_caches
+        """One token per row, token [B] at position `pos`: next-token logits [B, V] and the caches."""
+        return self.step(token[:, None], pos, pad, caches)
 
 
 def load_model(model_name="124M", models_dir="models", dtype="float32"):
