@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Downloads a released GPT-2 model: python download_model.py 124M [--models_dir models]."""
 import os
+import re
 import sys
 import time
 
@@ -12,9 +13,12 @@ from hparams import SIZES, resolve_model_name  # noqa: E402
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
 FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
          "model.ckpt.meta", "vocab.bpe")
-TRIES = 5
-CHUNK = 1 << 20
-TIMEOUT_SECONDS = 60
+TRIES = 5  # attempts in a row that receive nothing; an attempt that gets bytes resets the count
+CHUNK = 64 * 1024
+TIMEOUT_SECONDS = (15, 60)  # connect, and between two reads
+# Sizes and ranges count bytes on the wire; a compressed body would break both.
+HEADERS = {"Accept-Encoding": "identity"}
+RESUME_HINT = "check your connection (or try again later) and run the same command again to resume"
 
 
 class TransientError(Exception):
@@ -22,65 +26,122 @@ class TransientError(Exception):
 
 
 def backoff_seconds(attempt):
-    """Exponential backoff; GPT2_DOWNLOAD_BACKOFF scales it (tests use 0)."""
-    return float(os.environ.get("GPT2_DOWNLOAD_BACKOFF", "1")) * 2 ** attempt
+    """Exponential backoff from 1 second; GPT2_DOWNLOAD_BACKOFF sets the base (tests use 0)."""
+    raw = os.environ.get("GPT2_DOWNLOAD_BACKOFF", "1")
+    try:
+        base = float(raw)
+    except ValueError:
+        base = -1.0
+    if not base >= 0:
+        raise cli.UserError(f"GPT2_DOWNLOAD_BACKOFF must be a number of seconds >= 0, got {raw!r}")
+    return base * 2 ** attempt
+
+
+def _size(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _discard(path):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def fetch_file(session, url, path, filename):
-    """Downloads `url` to `path` through `path.part`, resuming a partial file, retrying
-    transient errors. The final name appears only once the size is right."""
+    """Downloads `url` to `path` through `path.part`, resuming a partial file and retrying
+    transient errors. The final name appears only once the size matches the server's."""
     import requests
 
     part = path + ".part"
-    for attempt in range(TRIES):
+    failures = 0
+    while True:
+        before = _size(part)
         try:
             _fetch_once(session, url, part, filename)
             os.replace(part, path)
             return
         except TransientError as e:
-            if attempt == TRIES - 1:
-                raise cli.UserError(f"could not download {url} after {TRIES} tries ({e}): "
-                                    "check your connection and run the same command again to resume") from None
-        except requests.RequestException as e:
-            if attempt == TRIES - 1:
-                raise cli.UserError(f"could not download {url} ({type(e).__name__}): "
-                                    "check your connection and run the same command again to resume") from None
-        time.sleep(backoff_seconds(attempt))
+            reason = str(e)
+        except requests.RequestException as e:  # before OSError: requests' errors subclass it
+            reason = type(e).__name__
+        # Count only attempts that got nowhere, so a flaky link still finishes a 6 GB file.
+        failures = 0 if _size(part) > before else failures + 1
+        if failures == TRIES:
+            raise cli.UserError(f"could not download {url} after {TRIES} tries ({reason}): {RESUME_HINT}")
+        time.sleep(backoff_seconds(failures - 1))
+
+
+def _check_status(response, url, filename):
+    status = response.status_code
+    if status in (408, 429) or status >= 500:
+        raise TransientError(f"HTTP {status}")
+    if status == 404:
+        raise cli.UserError(f"{url} was not found (HTTP 404): check the model name, or GPT2_BASE_URL if you set it")
+    if status not in (200, 206, 416):
+        raise cli.UserError(f"{url} answered HTTP {status}: check GPT2_BASE_URL and your proxy settings")
+    if response.headers.get("Content-Type", "").startswith("text/html"):
+        # A captive portal or proxy answering 200 with a web page: never save that as a model file.
+        raise cli.UserError(f"{url} sent a web page instead of {filename}: log in to your network or check "
+                            "GPT2_BASE_URL and your proxy settings")
+
+
+def _received(response):
+    """The body's chunks; a dropped or stalled connection becomes a TransientError."""
+    import requests
+    import urllib3
+
+    try:
+        yield from response.iter_content(chunk_size=CHUNK)
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+        raise TransientError(f"connection lost ({type(e).__name__})") from None
 
 
 def _fetch_once(session, url, part, filename):
+    """One GET that appends to `part` (or restarts it); raises TransientError unless `part` ends whole."""
     from tqdm import tqdm
 
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    have = _size(part)
+    headers = dict(HEADERS, Range=f"bytes={have}-") if have else HEADERS
     with session.get(url, stream=True, timeout=TIMEOUT_SECONDS, headers=headers) as response:
-        status = response.status_code
-        if status == 416 and have:
-            # The partial file is already whole (or longer than the file): start again cleanly.
-            os.remove(part)
-            raise TransientError("the partial file did not match the server's; restarting it")
-        if status in (429,) or status >= 500:
-            raise TransientError(f"HTTP {status}")
-        if status == 404:
-            raise cli.UserError(f"{url} was not found (HTTP 404): check the model name, or GPT2_BASE_URL if you set it")
-        if status not in (200, 206):
-            raise cli.UserError(f"{url} answered HTTP {status}: check GPT2_BASE_URL or try again later")
-        if status == 200:
-            have = 0  # the server ignored the Range header: the body is the whole file
+        _check_status(response, url, filename)
+        content_range = response.headers.get("Content-Range", "")
+        if response.status_code == 416:
+            # Nothing left past our offset: the part is whole if the server's size says so.
+            match = re.fullmatch(r"bytes \*/(\d+)", content_range.strip())
+            if have and match and int(match.group(1)) == have:
+                return
+            _discard(part)
+            raise TransientError("the partial file is longer than the server's; starting it again")
         length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
-        mode = "ab" if status == 206 else "wb"
-        with open(part, mode) as f, tqdm(total=total, initial=have, desc="Fetching " + filename, unit="B",
-                                         unit_scale=True, unit_divisor=1024, ncols=100) as bar:
-            try:
-                for chunk in response.iter_content(chunk_size=CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            except Exception as e:  # requests wraps dropped connections in several exception types
-                raise TransientError(f"connection lost after {bar.n} bytes ({type(e).__name__})") from None
-    size = os.path.getsize(part)
+        total = int(length) if length is not None and length.isdigit() else None
+        if response.status_code == 206:
+            match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
+            if not match or int(match.group(1)) != have:
+                _discard(part)
+                raise TransientError(f"the server sent the wrong range ({content_range or 'none'}); starting again")
+            total = int(match.group(3))
+        else:
+            have = 0  # a 200 ignores the Range header: the body is the whole file
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, desc="Fetching " + filename, unit="B", unit_scale=True,
+                     unit_divisor=1024, ncols=100) as bar:
+            for chunk in _received(response):
+                f.write(chunk)
+                bar.update(len(chunk))
+    size = _size(part)
     if total is not None and size != total:
         raise TransientError(f"got {size} of {total} bytes")
+
+
+def _remote_size(session, url):
+    """The server's size of `url` from a HEAD request, or None if it cannot say."""
+    import requests
+
+    try:
+        response = session.head(url, timeout=TIMEOUT_SECONDS, headers=HEADERS, allow_redirects=True)
+    except requests.RequestException:
+        return None  # offline: files already here are trusted
+    length = response.headers.get("Content-Length", "")
+    return int(length) if response.status_code == 200 and length.isdigit() else None
 
 
 def download_model(model_name, models_dir="models", base_url=None):
@@ -99,29 +160,39 @@ def download_model(model_name, models_dir="models", base_url=None):
     name = resolve_model_name(model_name)
     if name not in SIZES:
         raise cli.UserError(f"unknown model '{model_name}': choose one of {', '.join(SIZES)}")
-    if name != str(model_name):
-        print(f"{model_name} is the old name of {name}; downloading {name}", file=sys.stderr)
     base_url = (base_url or os.environ.get("GPT2_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-    directory = os.path.join(os.path.expanduser(os.path.expandvars(models_dir)), name)
+    if not re.match(r"https?://", base_url):
+        raise cli.UserError(f"the download URL must start with http:// or https://, got {base_url!r} "
+                            "(from GPT2_BASE_URL?)")
+    directory = os.path.join(os.path.expanduser(os.path.expandvars(str(models_dir))), name)
+    if name != str(model_name):
+        print(f"{model_name} is the old name of {name}: downloading {name} into {directory}", flush=True)
+    disk_hint = "free some disk space or pass another --models_dir, then run the same command again"
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise cli.UserError(f"cannot create {directory}: {e.strerror}") from None
+        raise cli.UserError(f"cannot create {directory} ({e.strerror}): pass another --models_dir") from None
     with requests.Session() as session:
         for filename in FILES:
             path = os.path.join(directory, filename)
-            # Final names are only ever made by rename after a size check: present means whole.
+            url = f"{base_url}/models/{name}/{filename}"
+            # Final names are only made by rename after a size check, so a file here is whole;
+            # the HEAD catches one left truncated by the original downloader, which wrote in place.
             if os.path.exists(path):
-                continue
+                remote = _remote_size(session, url)
+                if remote is None or remote == os.path.getsize(path):
+                    continue
+                print(f"{path} is {os.path.getsize(path)} bytes, the server's is {remote}: downloading it again",
+                      flush=True)
             try:
-                fetch_file(session, f"{base_url}/models/{name}/{filename}", path, filename)
+                fetch_file(session, url, path, filename)
             except OSError as e:
-                raise cli.UserError(f"cannot write {path}: {e.strerror}") from None
+                raise cli.UserError(f"cannot write {path} ({e.strerror}): {disk_hint}") from None
     return directory
 
 
 def main(model_name=None, models_dir="models"):
-    """Downloads a released GPT-2 model.
+    """Downloads a released GPT-2 model into MODELS_DIR/MODEL_NAME/; run it again to resume.
 
     Args:
         model_name: 124M, 355M, 774M or 1558M (117M and 345M are the old names of 124M and 355M).

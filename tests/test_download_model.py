@@ -1,36 +1,41 @@
 """download_model.py against a local HTTP server on 127.0.0.1 with injected faults."""
+import errno
 import http.server
+import importlib.util
 import os
 import re
+import socket
 import threading
+import time
 
 import pytest
 
 from conftest import REPO_ROOT, run_script
 
-import importlib.util
-
 _spec = importlib.util.spec_from_file_location("download_model", os.path.join(REPO_ROOT, "download_model.py"))
-download_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(download_model)
+dm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dm)
 
-FILES = download_model.FILES
+FILES = dm.FILES
+DATA = "model.ckpt.data-00000-of-00001"
 
 
 def file_bytes(name):
-    """Distinct content per file; the data file is large enough to arrive in several chunks."""
-    size = 3 * download_model.CHUNK + 12345 if name.startswith("model.ckpt.data") else 1000 + len(name)
+    """Distinct content per file; the data file (~340 KB) arrives in several chunks."""
+    size = 5 * dm.CHUNK + 12345 if name == DATA else 1000 + len(name)
     return bytes((i * 7 + len(name)) % 251 for i in range(size))
 
 
 class Server:
-    """Serves /models/<name>/<file> with Range support. `faults` maps a file name to a list of
-    behaviours consumed one per request: 'drop' (close half-way), '503', '404', '500', 'short'
-    (promise more bytes than are sent); an empty list serves normally."""
+    """Serves /models/124M/<file> with Range support. `faults` maps a file name to a list of
+    behaviours consumed one per GET: '503', '404', '500' (an HTML error page), 'drop' (close
+    half-way), 'short' (promise the whole file, send 100 bytes), 'html' (200 with a web page),
+    'norange' (ignore Range), 'stall' (send headers, then wait 1 s); an empty list serves normally."""
 
     def __init__(self):
         self.faults = {}
-        self.requests = []
+        self.requests = []  # (method, path, Range header)
+        self.encodings = set()  # Accept-Encoding headers seen
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -39,64 +44,103 @@ class Server:
             def log_message(self, *args):
                 pass
 
+            def do_HEAD(self):
+                self._serve(head=True)
+
             def do_GET(self):
+                self._serve(head=False)
+
+            def _serve(self, head):
                 name = self.path.rsplit("/", 1)[-1]
-                server.requests.append((self.path, self.headers.get("Range")))
+                server.requests.append((self.command, self.path, self.headers.get("Range")))
+                server.encodings.add(self.headers.get("Accept-Encoding"))
                 if not re.fullmatch(r"/models/124M/[\w.-]+", self.path) or name not in FILES:
-                    return self._status(404)
-                queue = server.faults.get(name, [])
+                    return self._page(404, head)
+                queue = [] if head else server.faults.get(name, [])
                 fault = queue.pop(0) if queue else None
                 if fault in ("503", "404", "500"):
-                    return self._status(int(fault))
+                    return self._page(int(fault), head)
+                if fault == "html":
+                    return self._page(200, head)
                 body = file_bytes(name)
-                start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if match:
-                    start = int(match.group(1))
-                    self.send_response(206)
+                start = int(match.group(1)) if match and fault not in ("norange", "short") else 0
+                if start >= len(body) and match:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206 if start else 200)
+                if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                part = body[start:]
-                self.send_header("Content-Length", str(len(part)))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                if fault in ("drop", "short"):
-                    self.wfile.write(part[:len(part) // 2])
+                if head:
+                    return
+                part = body[start:]
+                if fault in ("drop", "short", "stall"):
+                    self.wfile.write(part[:len(part) // 2] if fault == "drop" else part[:100])
                     self.wfile.flush()
+                    if fault == "stall":
+                        time.sleep(1)
                     self.close_connection = True
                     return
                 self.wfile.write(part)
 
-            def _status(self, code):
+            def _page(self, code, head):
                 body = b"<html><body>error page</body></html>"
                 self.send_response(code)
                 self.send_header("Content-Type", "text/html")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not head:
+                    self.wfile.write(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
+    def gets(self, name=None):
+        return [(path, rng) for method, path, rng in self.requests
+                if method == "GET" and (name is None or path.endswith("/" + name))]
+
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def local_only(monkeypatch):
+    """No proxy, no backoff, and (in this process) no connection to anything but 127.0.0.1."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("GPT2_DOWNLOAD_BACKOFF", "0")
+    monkeypatch.setenv("GPT2_BASE_URL", "http://127.0.0.1:9")  # the discard port: never the real bucket
+    connect = socket.socket.connect
+
+    def guarded(sock, address):
+        assert sock.family != socket.AF_INET or address[0] == "127.0.0.1", f"test contacted {address}"
+        assert sock.family != socket.AF_INET6, f"test contacted {address}"
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
 @pytest.fixture
 def server(monkeypatch):
     s = Server()
     monkeypatch.setenv("GPT2_BASE_URL", s.url)
-    monkeypatch.setenv("GPT2_DOWNLOAD_BACKOFF", "0")
     yield s
     s.close()
 
 
-def run(server, *args):
-    return run_script("download_model.py", *args, env={"GPT2_BASE_URL": server.url, "GPT2_DOWNLOAD_BACKOFF": "0"},
-                      timeout=120)
+def run(*args):
+    """The script as a user runs it; GPT2_BASE_URL and friends come from the fixtures' environment."""
+    return run_script("download_model.py", *args, timeout=120)
 
 
 def assert_complete(directory):
@@ -109,103 +153,266 @@ def assert_complete(directory):
 def assert_one_line_error(result, pattern):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "Fetching" not in line
-             and "%|" not in line]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "Fetching" not in line]
     assert len(lines) == 1, result.stderr
     assert re.search(pattern, lines[0]), lines[0]
 
 
+def assert_no_error_page_saved(directory):
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            assert b"error page" not in f.read(), name
+
+
 def test_downloads_all_seven_files(server, tmp_path):
-    result = run(server, "124M", "--models_dir", tmp_path)
+    result = run("124M", "--models_dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert_complete(tmp_path / "124M")
     for name in FILES:
         assert f"Fetching {name}" in result.stderr
+    assert sorted(path for path, _ in server.gets()) == sorted(f"/models/124M/{name}" for name in FILES)
+    # Sizes and ranges count bytes on the wire, so the body must not come compressed.
+    assert server.encodings == {"identity"}
+
+
+def test_models_dir_expands_variables_and_home(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_TEST_DIR", str(tmp_path))
+    directory = dm.download_model("124M", "$GPT2_TEST_DIR/models")
+    assert directory == os.path.join(str(tmp_path), "models", "124M")
+    assert_complete(directory)
 
 
 def test_dropped_connection_resumes_with_a_range_request(server, tmp_path):
-    server.faults["model.ckpt.data-00000-of-00001"] = ["drop"]
-    download_model.download_model("124M", str(tmp_path))
+    server.faults[DATA] = ["drop"]
+    dm.download_model("124M", str(tmp_path))
     assert_complete(tmp_path / "124M")
-    ranges = [r for path, r in server.requests if path.endswith("data-00000-of-00001")]
-    assert ranges[0] is None and ranges[1] is not None and ranges[1] != "bytes=0-"
+    ranges = [rng for _, rng in server.gets(DATA)]
+    assert len(ranges) == 2 and ranges[0] is None
+    start = int(re.fullmatch(r"bytes=(\d+)-", ranges[1]).group(1))
+    assert 0 < start < len(file_bytes(DATA))
 
 
 def test_one_503_is_retried(server, tmp_path):
     server.faults["hparams.json"] = ["503"]
-    download_model.download_model("124M", str(tmp_path))
+    dm.download_model("124M", str(tmp_path))
     assert_complete(tmp_path / "124M")
-    assert sum(path.endswith("hparams.json") for path, _ in server.requests) == 2
+    assert len(server.gets("hparams.json")) == 2
+
+
+def test_stalled_connection_times_out_and_is_retried(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(dm, "TIMEOUT_SECONDS", (5, 0.3))
+    server.faults["vocab.bpe"] = ["stall"]
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(tmp_path / "124M")
+    assert len(server.gets("vocab.bpe")) == 2
 
 
 def test_404_fails_at_once_with_one_line(server, tmp_path):
     server.faults["vocab.bpe"] = ["404"]
-    result = run(server, "124M", "--models_dir", tmp_path)
-    assert_one_line_error(result, r"not found \(HTTP 404\)")
+    result = run("124M", "--models_dir", tmp_path)
+    assert_one_line_error(result, r"vocab\.bpe was not found \(HTTP 404\): check the model name")
     assert not (tmp_path / "124M" / "vocab.bpe").exists()
-    assert sum(path.endswith("vocab.bpe") for path, _ in server.requests) == 1
+    assert len(server.gets("vocab.bpe")) == 1
+    assert_no_error_page_saved(tmp_path / "124M")
 
 
 def test_server_errors_forever_save_nothing(server, tmp_path):
     server.faults["encoder.json"] = ["500"] * 10
-    result = run(server, "124M", "--models_dir", tmp_path)
-    assert_one_line_error(result, r"after 5 tries \(HTTP 500\).*run the same command again")
-    directory = tmp_path / "124M"
-    assert not (directory / "encoder.json").exists()
-    assert not (directory / "encoder.json.part").exists() or b"html" not in (directory / "encoder.json.part").read_bytes()
+    result = run("124M", "--models_dir", tmp_path)
+    assert_one_line_error(result, rf"after {dm.TRIES} tries \(HTTP 500\).*run the same command again")
+    assert len(server.gets("encoder.json")) == dm.TRIES
+    assert not (tmp_path / "124M" / "encoder.json").exists()
+    assert_no_error_page_saved(tmp_path / "124M")
+
+
+def test_web_page_with_status_200_is_never_saved(server, tmp_path):
+    server.faults["hparams.json"] = ["html"]
+    with pytest.raises(dm.cli.UserError, match="sent a web page instead of hparams.json"):
+        dm.download_model("124M", str(tmp_path))
+    assert not (tmp_path / "124M" / "hparams.json").exists()
+    assert_no_error_page_saved(tmp_path / "124M")
 
 
 def test_leftover_part_file_is_resumed(server, tmp_path):
     directory = tmp_path / "124M"
     directory.mkdir()
-    name = "model.ckpt.data-00000-of-00001"
-    (directory / (name + ".part")).write_bytes(file_bytes(name)[:5000])
-    download_model.download_model("124M", str(tmp_path))
+    (directory / (DATA + ".part")).write_bytes(file_bytes(DATA)[:5000])
+    dm.download_model("124M", str(tmp_path))
     assert_complete(directory)
-    assert ("/models/124M/" + name, "bytes=5000-") in server.requests
+    assert server.gets(DATA) == [("/models/124M/" + DATA, "bytes=5000-")]
+
+
+def test_whole_part_file_answered_416_is_kept(server, tmp_path):
+    directory = tmp_path / "124M"
+    directory.mkdir()
+    (directory / (DATA + ".part")).write_bytes(file_bytes(DATA))
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(directory)
+    assert server.gets(DATA) == [("/models/124M/" + DATA, f"bytes={len(file_bytes(DATA))}-")]
+
+
+def test_part_file_longer_than_the_servers_starts_again(server, tmp_path):
+    directory = tmp_path / "124M"
+    directory.mkdir()
+    (directory / "vocab.bpe.part").write_bytes(b"x" * (len(file_bytes("vocab.bpe")) + 10))
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(directory)
+    assert [rng for _, rng in server.gets("vocab.bpe")] == [f"bytes={len(file_bytes('vocab.bpe')) + 10}-", None]
+
+
+def test_server_ignoring_range_restarts_the_file(server, tmp_path):
+    directory = tmp_path / "124M"
+    directory.mkdir()
+    # Wrong bytes in the part: appending the 200's whole body to them would corrupt the file.
+    (directory / (DATA + ".part")).write_bytes(b"\0" * 5000)
+    server.faults[DATA] = ["norange"]
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(directory)
+    assert len(server.gets(DATA)) == 1
 
 
 def test_complete_files_are_skipped(server, tmp_path):
-    download_model.download_model("124M", str(tmp_path))
-    count = len(server.requests)
-    download_model.download_model("124M", str(tmp_path))
-    assert len(server.requests) == count
+    dm.download_model("124M", str(tmp_path))
+    count = len(server.gets())
+    dm.download_model("124M", str(tmp_path))
+    assert len(server.gets()) == count
+    assert_complete(tmp_path / "124M")
+
+
+def test_complete_files_need_no_network(server, tmp_path, monkeypatch):
+    dm.download_model("124M", str(tmp_path))
+    server.close()
+    assert dm.download_model("124M", str(tmp_path)) == os.path.join(str(tmp_path), "124M")
+
+
+def test_truncated_final_file_is_downloaded_again(server, tmp_path):
+    # The original downloader wrote under the final name, so an interrupted run left this.
+    dm.download_model("124M", str(tmp_path))
+    path = tmp_path / "124M" / DATA
+    path.write_bytes(file_bytes(DATA)[:1000])
+    count = len(server.gets())
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(tmp_path / "124M")
+    assert server.gets()[count:] == [("/models/124M/" + DATA, None)]
 
 
 def test_short_body_is_detected_and_never_renamed(server, tmp_path):
     server.faults["checkpoint"] = ["short"] * 10
-    with pytest.raises(download_model.cli.UserError, match="after 5 tries"):
-        download_model.download_model("124M", str(tmp_path))
+    with pytest.raises(dm.cli.UserError, match=rf"checkpoint after {dm.TRIES} tries \(connection lost"):
+        dm.download_model("124M", str(tmp_path))
+    assert not (tmp_path / "124M" / "checkpoint").exists()
+    assert len(server.gets("checkpoint")) == dm.TRIES
+
+
+class StubResponse:
+    """A 200 whose Content-Length promises more than the body holds, with no transport to notice."""
+
+    status_code = 200
+
+    def __init__(self, body, length):
+        self.body, self.headers = body, {"Content-Length": str(length), "Content-Type": "application/octet-stream"}
+
+    def iter_content(self, chunk_size):
+        yield self.body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class StubSession:
+    def __init__(self):
+        self.calls = 0
+
+    def get(self, url, **kwargs):
+        self.calls += 1
+        return StubResponse(b"abc", 10)
+
+
+def test_size_mismatch_against_content_length_is_detected(tmp_path):
+    session, path = StubSession(), str(tmp_path / "hparams.json")
+    with pytest.raises(dm.TransientError, match="got 3 of 10 bytes"):
+        dm._fetch_once(session, "http://127.0.0.1:9/x", path + ".part", "hparams.json")
+    with pytest.raises(dm.cli.UserError, match=rf"after {dm.TRIES} tries \(got 3 of 10 bytes\)"):
+        dm.fetch_file(session, "http://127.0.0.1:9/x", path, "hparams.json")
+    assert not os.path.exists(path)
+    assert session.calls == 1 + dm.TRIES
+
+
+def test_disk_error_is_not_retried(server, tmp_path, monkeypatch):
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(dm, "open", lambda path, mode: FullDisk(real_open(path, mode)), raising=False)
+    with pytest.raises(dm.cli.UserError, match=r"cannot write .*checkpoint \(No space left on device\): free some"):
+        dm.download_model("124M", str(tmp_path))
+    assert len(server.gets()) == 1
     assert not (tmp_path / "124M" / "checkpoint").exists()
 
 
-def test_unknown_name_lists_the_valid_ones(server, tmp_path):
-    result = run(server, "125M", "--models_dir", tmp_path)
-    assert_one_line_error(result, r"unknown model '125M': choose one of 124M, 355M, 774M, 1558M")
+def test_models_dir_that_is_a_file_is_one_line(server, tmp_path):
+    (tmp_path / "models").write_text("not a directory")
+    result = run("124M", "--models_dir", tmp_path / "models")
+    assert_one_line_error(result, r"cannot create .*: pass another --models_dir")
     assert not server.requests
 
 
+def test_bad_base_url_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_BASE_URL", "openaipublic/gpt-2")
+    with pytest.raises(dm.cli.UserError, match="must start with http:// or https://"):
+        dm.download_model("124M", str(tmp_path))
+
+
+def test_unknown_name_lists_the_valid_ones(server, tmp_path):
+    result = run("125M", "--models_dir", tmp_path)
+    assert_one_line_error(result, r"unknown model '125M': choose one of 124M, 355M, 774M, 1558M$")
+    assert not server.requests
+    assert not os.listdir(tmp_path)
+
+
 def test_no_argument_prints_the_reference_message(server):
-    result = run(server)
+    result = run()
     assert result.returncode == 1
-    assert "You must enter the model name as a parameter, e.g.: download_model.py 124M" in result.stdout
+    assert result.stdout == "You must enter the model name as a parameter, e.g.: download_model.py 124M\n"
+    assert not server.requests
 
 
 def test_legacy_name_downloads_the_new_one(server, tmp_path):
-    result = run(server, "117M", "--models_dir", tmp_path)
+    result = run("117M", "--models_dir", tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "117M is the old name of 124M" in result.stdout
     assert_complete(tmp_path / "124M")
     assert not (tmp_path / "117M").exists()
-    assert all(path.startswith("/models/124M/") for path, _ in server.requests)
+    assert all(path.startswith("/models/124M/") for _, path, _ in server.requests)
 
 
 def test_unreachable_server_is_a_one_line_error(tmp_path, monkeypatch):
-    # A port on 127.0.0.1 that nothing listens on.
-    import socket
-
-    with socket.socket() as s:
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run_script("download_model.py", "124M", "--models_dir", tmp_path,
-                        env={"GPT2_BASE_URL": f"http://127.0.0.1:{port}", "GPT2_DOWNLOAD_BACKOFF": "0"})
-    assert_one_line_error(result, r"could not download .*ConnectionError.*check your connection")
+    monkeypatch.setenv("GPT2_BASE_URL", f"http://127.0.0.1:{port}")
+    result = run("124M", "--models_dir", tmp_path)
+    assert_one_line_error(result, rf"could not download .*/checkpoint after {dm.TRIES} tries \(ConnectionError\)"
+                                  ".*check your connection")
+    assert not os.listdir(tmp_path / "124M")
+
+
+def test_attempts_that_make_progress_do_not_count_against_the_tries(server, tmp_path):
+    server.faults[DATA] = ["drop"] * (dm.TRIES + 1)
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(tmp_path / "124M")
+    assert len(server.gets(DATA)) == dm.TRIES + 2
