@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Measures generation speed and memory on a model directory or on random weights of a named size."""
-import json
+import json as json_lib
 import os
 import platform
 import resource
@@ -71,7 +71,7 @@ def hf_rates(lm, batch_sizes, prompt_length, new_tokens):
 
 
 def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8, prompt_length=32,
-              length=128, dtype="float32", hf=True, json_output=False, keep_grappler=False):
+              length=128, dtype="float32", hf=True, json=False, keep_grappler=False):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -84,7 +84,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         length: New tokens per decode measurement (top_k 40).
         dtype: float32 or bfloat16.
         hf: Add a Hugging Face transformers row when transformers and torch are installed.
-        json_output: Print one JSON object instead of a table.
+        json: Print one JSON object instead of a table.
         keep_grappler: Keep TensorFlow's Grappler graph rewrites on (the scripts turn them off).
     """
     if not keep_grappler:
@@ -119,9 +119,10 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
             results[f"decode_tok_s_batch{batch}"] = rate
             results[f"first_token_ms_batch{batch}"] = first * 1000
         results["prefill_tok_s_512"] = prefill_rate(sampler, min(512, lm.hparams.n_ctx - 1))
-        near, far = 100, min(900, lm.hparams.n_ctx - 40)
-        results["decode_tok_s_at_position_100"] = decode_rate(sampler, 1, near, 32)[0]
-        results[f"decode_tok_s_at_position_{far}"] = decode_rate(sampler, 1, far, 32)[0]
+        far = min(900, lm.hparams.n_ctx - 32)
+        near = min(100, far // 2)
+        for position in (near, far):
+            results[f"decode_tok_s_at_position_{position}"] = decode_rate(sampler, 1, position, 32)[0]
         one_chunk = decode_rate(sampler, 1, prompt_length, length, max_chunk=length)[0]
         results["streaming_cost_percent"] = 100 * (1 - results["decode_tok_s_batch1"] / one_chunk)
         results["retraces"] = sum(f.experimental_get_tracing_count() - 1 for f in
@@ -139,8 +140,8 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)
-    if json_output:
-        print(json.dumps(results, indent=2))
+    if json:
+        print(json_lib.dumps(results, indent=2))
     else:
         width = max(len(k) for k in results)
         for key, value in results.items():

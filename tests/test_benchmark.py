@@ -1,0 +1,23 @@
+"""benchmark.py runs end to end and reports every figure; its numbers are not judged here."""
+import json
+
+from conftest import run_script
+
+
+def test_json_report_on_a_model_directory(tiny_models_dir):
+    result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--batch_size", 2,
+                        "--prompt_length", 4, "--length", 6, "--hf", "False", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ["decode_tok_s_batch1", "decode_tok_s_batch2", "first_token_ms_batch1", "prefill_tok_s_512",
+                "streaming_cost_percent", "peak_rss_mib", "load_seconds", "first_call_seconds"]:
+        assert key in report, key
+    assert report["decode_tok_s_batch1"] > 0 and report["peak_rss_mib"] > 100
+    assert report["retraces"] == 0  # new prompt lengths and batch sizes reuse one trace
+    assert sum(k.startswith("decode_tok_s_at_position_") for k in report) == 2
+
+
+def test_unknown_random_size_is_a_one_line_error():
+    result = run_script("benchmark.py", "--random", "7B")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--random takes one of 124M, 355M, 774M, 1558M" in result.stderr
