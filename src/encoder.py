@@ -1,12 +1,20 @@
-"""GPT-2's byte-level BPE: text <-> token ids, exactly as the released vocabulary was trained.
+"""GPT-2's byte-level BPE: text <-> token ids, the same ids as the released encoder.
 
->>> enc = Encoder.from_dir(DEFAULT_VOCAB_DIR)
+Text is split into words with `SPLIT_PATTERN`, each word's UTF-8 bytes are spelled in a
+printable 256-character alphabet (`bytes_to_unicode`), and the characters are merged pairwise
+in the order of `vocab.bpe`. Every byte is a token, so any string encodes and decodes back.
+
+>>> enc = Encoder.from_dir(default_vocab_dir())
 >>> enc.encode("Hello world")
 [15496, 995]
 >>> enc.decode([15496, 995])
 'Hello world'
+>>> enc.eot_token, enc.n_vocab
+(50256, 50257)
 """
 import functools
+import heapq
+import itertools
 import json
 import os
 
@@ -16,123 +24,290 @@ import hparams as hparams_lib
 from cli import UserError
 
 DEFAULT_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
+VOCAB_FILES = ("encoder.json", "vocab.bpe")
 END_OF_TEXT = "<|endoftext|>"
+EOT_TOKEN = 50256  # END_OF_TEXT's id in the released vocabulary
 
 # Contractions, letter runs, number runs, other-symbol runs (each with one leading space), and
-# whitespace; `\s+(?!\S)` leaves the last space of a run to start the next word.
+# whitespace; `\s+(?!\S)` leaves the last space of a run to start the next word. Case-sensitive
+# like the released encoder, so "'S" is not a contraction.
 SPLIT_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+# Words remembered with their ids. Bounded so a long-running process cannot grow without limit;
+# 65536 words hold ~10 MB and cover the distinct words of several MB of text.
+DEFAULT_CACHE_SIZE = 1 << 16
+
+
+def default_vocab_dir():
+    """The directory of the vocabulary bundled with this package.
+
+    Returns:
+        The path of `src/vocab`, which holds the released `encoder.json` and `vocab.bpe`.
+
+    >>> sorted(os.listdir(default_vocab_dir()))
+    ['encoder.json', 'vocab.bpe']
+    """
+    return DEFAULT_VOCAB_DIR
 
 
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode():
-    """Byte -> printable character: printable Latin-1 bytes map to themselves, the other 68 bytes
-    to chr(256 + n) in order, so BPE never sees whitespace or control characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+    """The byte -> character table of the BPE alphabet.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (whitespace, controls)
+    get chr(256 + n) in byte order, so merges never see a space or a control character.
+
+    Returns:
+        A dict from each byte value 0..255 to a one-character string.
+
+    >>> bytes_to_unicode()[ord("A")], bytes_to_unicode()[ord(" ")]
+    ('A', 'Ġ')
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    others = (b for b in range(256) if b not in table)
+    table.update((b, chr(256 + n)) for n, b in enumerate(others))
+    return table
 
 
 class Encoder:
     """Encodes text to GPT-2 token ids and back.
 
     Args:
-        encoder: token string -> id, from `encoder.json`.
-        bpe_merges: merge pairs in priority order, from `vocab.bpe`.
+        encoder: Token string (in the BPE alphabet) -> id, the contents of `encoder.json`.
+        bpe_merges: Symbol pairs in merge order, the lines of `vocab.bpe` after its header.
+        errors: How `decode` treats bytes that are not UTF-8, as in `bytes.decode`.
+        cache_size: How many distinct words to remember; 0 turns the cache off.
+
+    >>> enc = Encoder.from_dir(default_vocab_dir())
+    >>> enc.encode(" don't")
+    [836, 470]
+    >>> enc.decode(enc.encode("naïve 日本"))
+    'naïve 日本'
     """
 
-    def __init__(self, encoder, bpe_merges, errors="replace"):
+    eot_token = EOT_TOKEN
+
+    def __init__(self, encoder, bpe_merges, errors="replace", *, cache_size=DEFAULT_CACHE_SIZE):
         self.encoder = encoder
-        self.decoder = {v: k for k, v in encoder.items()}
+        self.decoder = {i: t for t, i in encoder.items()}
         self.errors = errors
         self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-        self.bpe_ranks = {pair: rank for rank, pair in enumerate(bpe_merges)}
-        self.cache = {}
-        # str.translate tables: a Latin-1 view of the bytes <-> the BPE alphabet, in C.
-        self._to_bpe_alphabet = {b: c for b, c in self.byte_encoder.items()}
-        from_bpe_alphabet = {ord(c): b for b, c in self.byte_encoder.items()}
-        # Each id's bytes, precomputed: decoding is then one join.
-        self._token_bytes = {i: t.translate(from_bpe_alphabet).encode("latin-1") for t, i in encoder.items()}
-        self.eot_token = encoder.get(END_OF_TEXT, len(encoder) - 1)
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        # A later duplicate of a pair wins, as in the released encoder's dict(zip(...)).
+        self.bpe_ranks = {tuple(pair): rank for rank, pair in enumerate(bpe_merges)}
         self.n_vocab = len(encoder)
+        if END_OF_TEXT in encoder:
+            self.eot_token = encoder[END_OF_TEXT]
+        from_alphabet = {ord(c): b for b, c in self.byte_encoder.items()}
+        # Each id's bytes, precomputed, so decoding is one join.
+        self._token_bytes = {i: t.translate(from_alphabet).encode("latin-1") for t, i in encoder.items()}
+        # Keyed by the raw word so a repeated word skips UTF-8 encoding and the alphabet too.
+        self._word_ids = functools.lru_cache(maxsize=cache_size)(self._uncached_word_ids)
 
     @classmethod
-    def from_dir(cls, path):
-        """Loads `encoder.json` and `vocab.bpe` from a model directory."""
-        hint = "download the model again with download_model.py"
+    def from_files(cls, encoder_json_path, vocab_bpe_path, *, hint="download the model again with download_model.py",
+                   **kwargs):
+        """Loads an encoder from its two vocabulary files.
+
+        Args:
+            encoder_json_path: Path of `encoder.json` (token -> id).
+            vocab_bpe_path: Path of `vocab.bpe` (a version line, then one merge pair a line).
+            hint: What the user should do if a file is missing or malformed.
+            **kwargs: Passed to `Encoder` (`errors`, `cache_size`).
+
+        Returns:
+            An `Encoder`.
+
+        Raises:
+            UserError: A file is missing, unreadable or not a GPT-2 vocabulary.
+
+        >>> vocab = default_vocab_dir()
+        >>> enc = Encoder.from_files(f"{vocab}/encoder.json", f"{vocab}/vocab.bpe")
+        >>> enc.encode("hello world")
+        [31373, 995]
+        """
         try:
-            with open(os.path.join(path, "encoder.json"), encoding="utf-8") as f:
+            with open(encoder_json_path, encoding="utf-8") as f:
                 encoder = json.load(f)
-            with open(os.path.join(path, "vocab.bpe"), encoding="utf-8") as f:
+            with open(vocab_bpe_path, encoding="utf-8") as f:
                 lines = f.read().split("\n")
         except FileNotFoundError as e:
             raise UserError(f"{e.filename} is missing: {hint}") from None
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise UserError(f"cannot read the vocabulary in {path} ({e}): {hint}") from None
-        # The first line is a version header; the file ends with an empty line.
+            # ValueError covers bad JSON, e.g. an HTML error page saved by an interrupted download.
+            raise UserError(f"cannot read the vocabulary {encoder_json_path} / {vocab_bpe_path} ({e}): {hint}") from None
+        # The first line is the "#version" header; blank lines (the final newline) hold no merge.
         merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
-        if not isinstance(encoder, dict) or any(len(m) != 2 for m in merges):
-            raise UserError(f"the vocabulary in {path} is malformed: {hint}")
-        return cls(encoder, merges)
+        problem = None
+        if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
+            problem = f"{encoder_json_path} is not a token -> id table"
+        elif any(len(pair) != 2 for pair in merges):
+            problem = f"{vocab_bpe_path} has a line that is not one merge pair"
+        elif not all(c in encoder for c in bytes_to_unicode().values()):
+            # Without a token for every byte some text could not be encoded at all.
+            problem = f"{encoder_json_path} lacks tokens for single bytes"
+        if problem:
+            raise UserError(f"malformed vocabulary: {problem}: {hint}")
+        return cls(encoder, merges, **kwargs)
+
+    @classmethod
+    def from_dir(cls, path, **kwargs):
+        """Loads `encoder.json` and `vocab.bpe` from one directory, e.g. a model's.
+
+        Args:
+            path: The directory.
+            **kwargs: Passed to `from_files`.
+
+        Returns:
+            An `Encoder`.
+
+        >>> Encoder.from_dir(default_vocab_dir()).n_vocab
+        50257
+        """
+        return cls.from_files(*(os.path.join(path, name) for name in VOCAB_FILES), **kwargs)
+
+    def _merge(self, word):
+        """The BPE symbols of one word, a string in the BPE alphabet.
+
+        Same result as the released encoder, which merges every occurrence of the lowest-ranked
+        adjacent pair left to right and repeats; a heap over a linked list of symbols makes that
+        O(n log n) instead of O(n^2), which matters for long unspaced runs (CJK, base64).
+        """
+        sym = list(word)
+        n = len(sym)
+        if n < 2:
+            return sym
+        rank_of = self.bpe_ranks.get
+        nxt = list(range(1, n + 1))  # n marks the end
+        prv = list(range(-1, n - 1))
+        heap = [(r, i) for i, r in enumerate(map(rank_of, zip(sym, sym[1:]))) if r is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            # Pop the whole rank first: it is one pair, and its occurrences merge left to right
+            # before any pair that those merges create, exactly as in one pass of the reference.
+            starts = []
+            while heap and heap[0][0] == rank:
+                starts.append(heapq.heappop(heap)[1])
+            for i in starts:
+                left = sym[i]
+                j = nxt[i]
+                # Entries go stale when a neighbour merges; the pair there now must still be this one.
+                if left is None or j == n or rank_of((left, sym[j])) != rank:
+                    continue
+                merged = sym[i] = left + sym[j]
+                sym[j] = None
+                k = nxt[i] = nxt[j]
+                if k < n:
+                    prv[k] = i
+                    r = rank_of((merged, sym[k]))
+                    if r is not None:
+                        heapq.heappush(heap, (r, i))
+                p = prv[i]
+                if p >= 0:
+                    r = rank_of((sym[p], merged))
+                    if r is not None:
+                        heapq.heappush(heap, (r, p))
+        return [s for s in sym if s is not None]
 
     def bpe(self, token):
-        """Merges the characters of one pre-split token by rank; returns space-joined pieces."""
-        cached = self.cache.get(token)
-        if cached is not None:
-            return cached
-        word = list(token)
-        ranks = self.bpe_ranks
-        while len(word) > 1:
-            best_rank, best = None, None
-            for pair in zip(word, word[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best = rank, pair
-            if best is None:
-                break
-            first, second = best
-            merged = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        result = " ".join(word)
-        self.cache[token] = result
-        return result
+        """The released encoder's `bpe`: merges one word given in the BPE alphabet.
+
+        Args:
+            token: One pre-split word, already spelled with `bytes_to_unicode`.
+
+        Returns:
+            Its BPE symbols joined by single spaces.
+
+        >>> Encoder.from_dir(default_vocab_dir()).bpe("Ġworld")
+        'Ġworld'
+        """
+        return " ".join(self._merge(token))
+
+    def _uncached_word_ids(self, word):
+        # Latin-1 turns each UTF-8 byte into the code point of the same value, which one C-level
+        # translate then spells in the BPE alphabet.
+        symbols = self._merge(word.encode("utf-8").decode("latin-1").translate(self.byte_encoder))
+        return tuple(map(self.encoder.__getitem__, symbols))
 
     def encode(self, text):
-        """Text -> token ids. A literal `<|endoftext|>` in the text is encoded as ordinary
-        characters, as the reference does; use `eot_token` for the real separator."""
-        ids = []
-        encoder = self.encoder
-        for piece in SPLIT_PATTERN.findall(text):
-            token = piece.encode("utf-8").decode("latin-1").translate(self._to_bpe_alphabet)
-            ids.extend(encoder[bpe_token] for bpe_token in self.bpe(token).split(" "))
-        return ids
+        """Text -> token ids.
+
+        A literal "<|endoftext|>" in the text is encoded as ordinary characters, as the
+        released encoder does; append `eot_token` yourself to separate documents.
+
+        Args:
+            text: Any string.
+
+        Returns:
+            A list of token ids.
+
+        >>> Encoder.from_dir(default_vocab_dir()).encode("<|endoftext|>")
+        [27, 91, 437, 1659, 5239, 91, 29]
+        """
+        return list(itertools.chain.from_iterable(map(self._word_ids, SPLIT_PATTERN.findall(text))))
 
     def decode_bytes(self, tokens):
-        """Token ids -> the raw bytes they stand for (possibly a partial UTF-8 character)."""
+        """Token ids -> the bytes they stand for, which may end inside a UTF-8 character.
+
+        Args:
+            tokens: Token ids (ints, or NumPy integers).
+
+        Returns:
+            The concatenated bytes.
+
+        Raises:
+            ValueError: An id is not in the vocabulary.
+
+        >>> Encoder.from_dir(default_vocab_dir()).decode_bytes([15496, 995])
+        b'Hello world'
+        """
         try:
             return b"".join(map(self._token_bytes.__getitem__, tokens))
         except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in the vocabulary (0..{self.n_vocab - 1})") from None
+            raise ValueError(f"token id {e.args[0]!r} is not in the vocabulary (0..{self.n_vocab - 1})") from None
 
     def decode(self, tokens):
-        """Token ids -> text; byte sequences that are not UTF-8 become U+FFFD."""
+        """Token ids -> text.
+
+        Args:
+            tokens: Token ids (ints, or NumPy integers).
+
+        Returns:
+            The text; bytes that are not valid UTF-8 (e.g. half a character) become U+FFFD
+            with the default `errors="replace"`.
+
+        Raises:
+            ValueError: An id is not in the vocabulary.
+
+        >>> Encoder.from_dir(default_vocab_dir()).decode([31373, 995, 50256])
+        'hello world<|endoftext|>'
+        """
         return self.decode_bytes(tokens).decode("utf-8", errors=self.errors)
 
 
 def get_encoder(model_name, models_dir):
-    """The encoder of a model directory: `<models_dir>/<model_name>/{encoder.json,vocab.bpe}`."""
-    return Encoder.from_dir(hparams_lib.model_dir(model_name, models_dir))
+    """The encoder of a downloaded model.
+
+    Args:
+        model_name: A directory name in `models_dir`, e.g. "124M" (legacy "117M" works too).
+        models_dir: The directory of models; `~` and `$VARS` are expanded.
+
+    Returns:
+        An `Encoder` read from `<models_dir>/<model_name>/{encoder.json,vocab.bpe}`.
+
+    Raises:
+        UserError: The model or one of its vocabulary files is missing or malformed; the
+            message says how to download it.
+    """
+    # model_dir expands the path and says how to download a model that is not there at all.
+    path = hparams_lib.model_dir(model_name, models_dir)
+    name = hparams_lib.resolve_model_name(model_name)
+    if name in hparams_lib.SIZES:
+        hint = f"run: python download_model.py {name} --models_dir {os.path.dirname(path)}"
+    else:
+        # Not a released model: its vocabulary can come from any release or the bundled copy.
+        hint = f"copy encoder.json and vocab.bpe into {path} from {DEFAULT_VOCAB_DIR} or from a released model " \
+               f"(python download_model.py 124M)"
+    return Encoder.from_dir(path, hint=hint)
