@@ -183,3 +183,10 @@ def test_a_prompt_that_exactly_fits(stub_sampler):
 def test_bad_knobs_are_user_errors(stub_sampler, knobs, message):
     with pytest.raises(UserError, match=message):
         stub_sampler.generate([[1]], 3, **knobs)
+
+
+def test_stop_at_eot_inside_the_compiled_loop(stub_sampler):
+    # The first tokens are made one call each; end-of-text at the 11th token falls in the loop.
+    stream = stub_sampler.generate([[0]], 15, temperature=0, stop_at_eot=True)
+    out = np.concatenate(list(stream), axis=1)
+    assert out.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
