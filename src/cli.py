@@ -1,4 +1,5 @@
 """What every command-line entry point shares: one-line errors instead of tracebacks."""
+import inspect
 import os
 import sys
 
@@ -7,6 +8,37 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow enables its oneDNN kernels only on CPUs it deems new enough; on the others (AVX2
 # machines included) they still make batch-1 decoding ~25% and batch-8 decoding ~30% faster.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+# Flags the sampling scripts share, documented once; `documented` builds each script's --help.
+SHARED_ARGS = {
+    "model_name": "Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names).",
+    "seed": "Integer seed; the same seed (and prompts) give the same samples run after run.",
+    "batch_size": "Samples generated at once; nsamples must be a multiple of it.",
+    "temperature": "Randomness: logits are divided by it; 0 is greedy (always the likeliest token).",
+    "top_k": "Sample only from the k likeliest tokens; 0 turns it off (40 is a good value).",
+    "top_p": "Sample only from the smallest set of likeliest tokens whose probability stays within top_p "
+             "(the reference's nucleus rule); 1 turns it off.",
+    "models_dir": "Directory holding the model directories (~ and $VARS are expanded).",
+    "stop_at_eot": "End a sample at <|endoftext|>.",
+    "stop": "A string, or a list like '[\"\\n\\n\", \"THE END\"]', that ends a sample when generated.",
+    "dtype": "float32 (default, exact) or bfloat16 (weights and matrix products in bf16: for GPUs and "
+             "CPUs with AVX-512 BF16).",
+}
+
+
+def documented(summary, **specific):
+    """Gives an entry point a Google-style docstring (which fire shows as --help): `summary`, then
+    one Args line per parameter, from `specific` or else from SHARED_ARGS."""
+    def attach(fn):
+        params = list(inspect.signature(fn).parameters)
+        undocumented = [p for p in params if p not in specific and p not in SHARED_ARGS]
+        assert not undocumented, f"no help text for {undocumented}"
+        lines = [inspect.cleandoc(summary), "", "Args:"]
+        lines += [f"    {p}: {specific.get(p) or SHARED_ARGS[p]}" for p in params]
+        fn.__doc__ = "\n".join(lines) + "\n"
+        return fn
+    return attach
 
 
 class UserError(Exception):

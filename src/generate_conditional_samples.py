@@ -28,32 +28,17 @@ def read_text(prompt=None, prompt_file=None):
         raise cli.UserError(f"{source} is not valid UTF-8 (byte {e.start}: {e.reason}): convert it to UTF-8") from None
 
 
+@cli.documented(
+    "Prints samples continuing a prompt (or one prompt per line), then exits.\n\nEach prompt's samples are numbered from 1 and followed by a line of 80 '='.",
+    prompt='The prompt text. Without it, --prompt_file is read, else standard input.',
+    prompt_file='A UTF-8 file holding the prompt.',
+    per_line='Treat each non-empty line as its own prompt; a batch can then mix prompts of different lengths, and nsamples need not be a multiple of batch_size.',
+    nsamples='Samples to print for each prompt.',
+    batch_size='Samples generated at once.',
+    length="New tokens per sample (default: half the model's window, 512).")
 def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M", seed=None, nsamples=1,
                  batch_size=1, length=None, temperature=1, top_k=0, top_p=1, models_dir="models",
                  stop_at_eot=False, stop=None, dtype="float32"):
-    """Prints samples continuing a prompt (or one prompt per line), then exits.
-
-    Each prompt's samples are numbered from 1 and followed by a line of 80 '='.
-
-    Args:
-        prompt: The prompt text. Without it, --prompt_file is read, else standard input.
-        prompt_file: A UTF-8 file holding the prompt.
-        per_line: Treat each non-empty line as its own prompt; a batch can then mix prompts of
-            different lengths, and nsamples need not be a multiple of batch_size.
-        model_name: Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names).
-        seed: Integer seed; the same seed and prompts give the same samples run after run.
-        nsamples: Samples to print for each prompt.
-        batch_size: Samples generated at once.
-        length: New tokens per sample (default: half the model's window, 512).
-        temperature: Randomness: logits are divided by it; 0 is greedy (always the likeliest token).
-        top_k: Sample only from the k likeliest tokens; 0 turns it off (40 is a good value).
-        top_p: Sample only from the smallest set of likeliest tokens whose probability stays within
-            top_p (the reference's nucleus rule); 1 turns it off.
-        models_dir: Directory holding the model directories (~ and $VARS are expanded).
-        stop_at_eot: End a sample at <|endoftext|>.
-        stop: A string, or a list like '["\\n\\n", "THE END"]', that ends a sample when generated.
-        dtype: float32 (default, exact) or bfloat16 (faster on GPUs and some CPUs).
-    """
     # Imported here so --help answers without starting TensorFlow.
     cli.fast_start()
     import api

@@ -27,27 +27,12 @@ def read_prompt():
     return "\n".join(lines)
 
 
+@cli.documented(
+    'Prompts for text and prints continuations, until end of input or Ctrl-C (exit status 0).\n\nA line ending in a backslash continues the prompt on the next line, for multi-line prompts.',
+    nsamples='Samples to print for each prompt.',
+    length="New tokens per sample (default: half the model's window, 512).")
 def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1,
                    top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
-    """Prompts for text and prints continuations, until end of input or Ctrl-C (exit status 0).
-
-    A line ending in a backslash continues the prompt on the next line, for multi-line prompts.
-
-    Args:
-        model_name: Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names).
-        seed: Integer seed; the same seed and prompts give the same samples run after run.
-        nsamples: Samples to print for each prompt.
-        batch_size: Samples generated at once; nsamples must be a multiple of it.
-        length: New tokens per sample (default: half the model's window, 512).
-        temperature: Randomness: logits are divided by it; 0 is greedy (always the likeliest token).
-        top_k: Sample only from the k likeliest tokens; 0 turns it off (40 is a good value).
-        top_p: Sample only from the smallest set of likeliest tokens whose probability stays within
-            top_p (the reference's nucleus rule); 1 turns it off.
-        models_dir: Directory holding the model directories (~ and $VARS are expanded).
-        stop_at_eot: End a sample at <|endoftext|>.
-        stop: A string, or a list like '["\\n\\n", "THE END"]', that ends a sample when generated.
-        dtype: float32 (default, exact) or bfloat16 (faster on GPUs and some CPUs).
-    """
     # Imported here so --help answers without starting TensorFlow.
     cli.fast_start()
     import api
