@@ -13,10 +13,10 @@ import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads
 import tensorflow as tf
 
 from cli import UserError
+from encoder import DEFAULT_VOCAB_DIR as VOCAB_DIR
+from encoder import VOCAB_FILES
 from hparams import HParams
 
-VOCAB_FILES = ("encoder.json", "vocab.bpe")
-VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
 
 
 def variable_shapes(hparams):

@@ -29,6 +29,18 @@ def gelu(x):
     return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
 
 
+def keep_mask(query_pos, n_keys, pad):
+    """Which keys each query may attend to: earlier or same positions, not left padding.
+
+    Returns:
+        float32 [B, 1, T, S], 1 to keep; query_pos [T], pad [B], S = n_keys.
+    """
+    key_pos = tf.range(n_keys)
+    keep = tf.logical_and(key_pos[None, None, :] <= query_pos[None, :, None],  # causal [1, T, S]
+                          key_pos[None, None, :] >= pad[:, None, None])  # not padding [B, 1, S]
+    return tf.cast(keep, tf.float32)[:, None]
+
+
 class GPT2(tf.Module):
     """GPT-2 with its variables under the released checkpoint names.
 
@@ -134,7 +146,7 @@ class GPT2(tf.Module):
     def _forward_past(self, tokens, past, pad):
         return self._forward(tokens, pad, past)
 
-    def _forward(self, tokens, pad, past=None, return_hidden=False):
+    def _forward(self, tokens, pad, past=None):
         """Logits [B, T, V] and present [B, L, 2, H, T, D] for tokens [B, T] after `past`.
 
         `pad` [B] counts left-padding tokens per row: they get no attention and positions
@@ -143,15 +155,11 @@ class GPT2(tf.Module):
         hp = self.hparams
         t = tf.shape(tokens)[1]
         past_len = 0 if past is None else tf.shape(past)[-2]
-        total = past_len + t
         query_pos = tf.range(t) + past_len  # [T]
         positions = tf.maximum(query_pos[None, :] - pad[:, None], 0)  # [B, T]
-        key_pos = tf.range(total)
-        keep = tf.logical_and(key_pos[None, None, :] <= query_pos[None, :, None],  # causal [1, T, S]
-                              key_pos[None, None, :] >= pad[:, None, None])  # not padding [B, 1, S]
-        keep = tf.cast(keep, tf.float32)[:, None]  # [B, 1, T, S]
+        keep = keep_mask(query_pos, past_len + t, pad)
         h = self._embed(tokens, positions)
-        presents, hiddens = [], [h]
+        presents = []
         for i in range(hp.n_layer):
             qkv = self._linear(self._norm(h, f"h{i}/ln_1"), f"h{i}/attn/c_attn")
             q, k, v = (self._split_heads(x) for x in tf.split(qkv, 3, axis=2))
@@ -162,11 +170,8 @@ class GPT2(tf.Module):
             a = self._merge_heads(self._attend(q, k, v, keep))
             h = h + self._linear(a, f"h{i}/attn/c_proj")
             h = h + self._mlp(h, i)
-            hiddens.append(h)
         h = self._norm(h, "ln_f")
         present = tf.stack(presents, axis=1)  # [B, L, 2, H, T, D]
-        if return_hidden:
-            return self._logits(h), present, hiddens[:-1] + [h]
         return self._logits(h), present
 
     # --- cached decoding (the sampler's hot path) ----------------------------------------
@@ -183,10 +188,7 @@ class GPT2(tf.Module):
         b, t = tf.shape(tokens)[0], tf.shape(tokens)[1]
         capacity = tf.shape(caches[0])[0] // (2 * b * hp.n_head)
         query_pos = pos + tf.range(t)  # [T]
-        key_pos = tf.range(capacity)  # [S]
-        keep = tf.logical_and(key_pos[None, None, :] <= query_pos[None, :, None],  # causal [1, T, S]
-                              key_pos[None, None, :] >= pad[:, None, None])  # not padding [B, 1, S]
-        keep = tf.cast(keep, tf.float32)[:, None]  # [B, 1, T, S]
+        keep = keep_mask(query_pos, capacity, pad)
         # Flat cache rows for these positions: (kv, batch, head) blocks of `capacity` rows each.
         rows = tf.reshape(tf.range(2 * b * hp.n_head)[:, None] * capacity + query_pos[None, :], [-1])
         h = self._embed(tokens, tf.maximum(query_pos[None, :] - pad[:, None], 0))  # [B, T, d]
