@@ -26,7 +26,7 @@ def norm(x, g, b, epsilon=1e-5):
 
 def gelu(x):
     """The tanh approximation GPT-2 was trained with."""
-    return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+    return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
 def keep_mask(query_pos, n_keys, pad):
