@@ -111,6 +111,22 @@ class Model:
             if piece:
                 yield r, piece
 
+    def score(self, texts, stride=None, batch_size=8):
+        """Scores texts: for each, a dict of tokens, nll (mean nats/token), perplexity,
+        bits_per_byte and token_logprobs (natural log, one per token). A single string gives a
+        single dict. Texts longer than the window use a sliding window moving by `stride`."""
+        import score as score_lib
+
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if not all(texts):
+            raise UserError("cannot score an empty text")
+        token_lists = [self.encode(t) for t in texts]
+        scored = score_lib.score_tokens(self.lm, token_lists, self.eot_token, stride=stride, batch_size=batch_size)
+        reports = [dict(score_lib.summarize(t, toks, lps), token_logprobs=lps)
+                   for t, toks, lps in zip(texts, token_lists, scored)]
+        return reports[0] if single else reports
+
     def generate(self, prompts, length=None, **options):
         """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a
         single string prompt)."""
