@@ -127,6 +127,25 @@ class Model:
                    for t, toks, lps in zip(texts, token_lists, scored)]
         return reports[0] if single else reports
 
+    def features(self, text, layers=None):
+        """Hidden states of a text, numpy [tokens, n_embd] per layer.
+
+        Args:
+            text: A string (or a token list).
+            layers: Indices into the n_layer + 1 states (0: embeddings, n_layer: the final,
+                normalised output); default: only the final one. Negative indices count from the end.
+
+        Returns:
+            One array for a single int `layers`, else a list of arrays.
+        """
+        tokens = self._contexts(text)[0]
+        if len(tokens) > self.hparams.n_ctx:
+            raise UserError(f"the text is {len(tokens)} tokens; features take at most {self.hparams.n_ctx}")
+        states = self.lm.hidden_states([tokens])
+        picked = [-1] if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        out = [states[i].numpy()[0] for i in picked]
+        return out[0] if layers is None or isinstance(layers, int) else out
+
     def generate(self, prompts, length=None, **options):
         """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a
         single string prompt)."""

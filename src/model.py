@@ -67,6 +67,9 @@ class GPT2(tf.Module):
             if tf.as_dtype(getattr(value, "dtype", tf.float32)) != dtype:
                 value = tf.cast(value, dtype)
             self.weights[name] = tf.Variable(value, trainable=True, name=name)
+        self._hidden_states = tf.function(
+            lambda tokens, pad: self._forward(tokens, pad, return_hidden=True), autograph=False,
+            input_signature=[tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
         cache_spec = [tf.TensorSpec([None, hparams.head_dim], self.compute_dtype)] * hparams.n_layer
         self.step = tf.function(self._step, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.int32), tf.TensorSpec([None], tf.int32),
@@ -146,7 +149,13 @@ class GPT2(tf.Module):
     def _forward_past(self, tokens, past, pad):
         return self._forward(tokens, pad, past)
 
-    def _forward(self, tokens, pad, past=None):
+    def hidden_states(self, tokens):
+        """The residual stream of tokens [B, T]: the embeddings, then each block's output, the
+        last after the final LayerNorm; n_layer + 1 float32 tensors of [B, T, n_embd]."""
+        tokens = tf.convert_to_tensor(tokens, tf.int32)
+        return self._hidden_states(tokens, tf.zeros([tf.shape(tokens)[0]], tf.int32))
+
+    def _forward(self, tokens, pad, past=None, return_hidden=False):
         """Logits [B, T, V] and present [B, L, 2, H, T, D] for tokens [B, T] after `past`.
 
         `pad` [B] counts left-padding tokens per row: they get no attention and positions
@@ -159,7 +168,7 @@ class GPT2(tf.Module):
         positions = tf.maximum(query_pos[None, :] - pad[:, None], 0)  # [B, T]
         keep = keep_mask(query_pos, past_len + t, pad)
         h = self._embed(tokens, positions)
-        presents = []
+        presents, hidden = [], [h]
         for i in range(hp.n_layer):
             qkv = self._linear(self._norm(h, f"h{i}/ln_1"), f"h{i}/attn/c_attn")
             q, k, v = (self._split_heads(x) for x in tf.split(qkv, 3, axis=2))
@@ -170,7 +179,10 @@ class GPT2(tf.Module):
             a = self._merge_heads(self._attend(q, k, v, keep))
             h = h + self._linear(a, f"h{i}/attn/c_proj")
             h = h + self._mlp(h, i)
+            hidden.append(h)
         h = self._norm(h, "ln_f")
+        if return_hidden:
+            return hidden[:-1] + [h]
         present = tf.stack(presents, axis=1)  # [B, L, 2, H, T, D]
         return self._logits(h), present
 

@@ -95,3 +95,19 @@ def test_multibyte_characters_are_never_split_in_the_stream(gpt):
     pieces = [p for _, p in gpt.stream("日本語", length=40, top_k=0, seed=3)]
     full = gpt.generate("日本語", length=40, top_k=0, seed=3)
     assert "".join(pieces) == full
+
+
+def test_features_are_the_residual_stream(gpt):
+    hp = gpt.hparams
+    final = gpt.features("Feature text")
+    every = gpt.features("Feature text", layers=range(hp.n_layer + 1))
+    assert len(every) == hp.n_layer + 1 and final.shape == (len(gpt.encode("Feature text")), hp.n_embd)
+    np.testing.assert_array_equal(every[-1], final)
+    # The final state times the tied embedding gives the model's logits: an independent check.
+    wte = gpt.lm.weights["model/wte"].numpy()
+    logits = gpt.lm(np.array([gpt.encode("Feature text")], np.int32))["logits"].numpy()[0]
+    np.testing.assert_allclose(final @ wte.T, logits, atol=1e-3)
+    # Layer 0 is token plus position embeddings.
+    ids = gpt.encode("Feature text")
+    expected = wte[ids] + gpt.lm.weights["model/wpe"].numpy()[:len(ids)]
+    np.testing.assert_allclose(every[0], expected, atol=1e-6)
