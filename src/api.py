@@ -6,6 +6,7 @@
 [' ...']
 """
 import codecs
+import os
 
 import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
 import tensorflow as tf
@@ -18,12 +19,20 @@ from cli import UserError
 
 
 def configure_devices():
-    """Lets TensorFlow grow GPU memory as needed instead of taking it all at start-up."""
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
+    """Lets TensorFlow grow GPU memory as needed instead of taking it all at start-up.
+
+    GPT2_CPU_DEVICES=N splits the CPU into N logical devices, so multi-device training
+    (--strategy mirrored) can be tried and tested on a machine without GPUs.
+    """
+    try:
+        for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass  # devices already initialised: growth was set, or cannot change now
+        cpus = int(os.environ.get("GPT2_CPU_DEVICES") or 0)
+        if cpus > 1:
+            tf.config.set_logical_device_configuration(
+                tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * cpus)
+    except RuntimeError:
+        pass  # devices already initialised: configured before, or cannot change now
 
 
 def load(model_name="124M", models_dir="models", dtype="float32"):

@@ -59,13 +59,13 @@ def compare_shapes(expected, found):
     return "; ".join(problems) or None
 
 
-def read_weights(model_dir, hparams, dtype=tf.float32):
-    """Reads every variable of the checkpoint in `model_dir`, checked against `hparams`.
+def read_weights(model_dir, hparams, dtype=tf.float32, prefix=None):
+    """Reads every variable of the checkpoint in `model_dir` (or at `prefix`), checked against `hparams`.
 
     Returns:
         A dict from checkpoint name to a tensor of `dtype`.
     """
-    prefix = checkpoint_prefix(model_dir)
+    prefix = prefix or checkpoint_prefix(model_dir)
     hint = "download the model again with download_model.py"
     try:
         reader = tf.train.load_checkpoint(prefix)

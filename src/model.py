@@ -7,6 +7,7 @@ Two ways in:
   that each step updates in place, so a decode step costs the same at position 10 and 1000
   apart from attention itself.
 """
+import functools
 import math
 
 import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
@@ -47,11 +48,14 @@ class GPT2(tf.Module):
     Args:
         hparams: An `HParams`.
         weights: Checkpoint name -> tensor or array, as `checkpoint.read_weights` returns.
-        compute_dtype: tf.float32 (exact), or tf.bfloat16 for the weights and matrix products,
-            with norms, softmax and logits kept in float32.
+        compute_dtype: tf.float32 (exact), or tf.bfloat16 (or tf.float16) for the matrix
+            products, with norms, softmax and logits kept in float32.
+        float32_variables: Keep every variable in float32 and cast matrices to `compute_dtype`
+            where they are used (mixed-precision training); by default matrices are stored in
+            `compute_dtype`, which halves inference memory.
     """
 
-    def __init__(self, hparams, weights, compute_dtype=tf.float32):
+    def __init__(self, hparams, weights, compute_dtype=tf.float32, float32_variables=False):
         super().__init__(name="model")
         self.hparams = hparams
         self.compute_dtype = tf.as_dtype(compute_dtype)
@@ -63,7 +67,8 @@ class GPT2(tf.Module):
         for name in checkpoint.variable_shapes(hparams):
             value = weights[name]
             # Matrices are stored in the compute dtype; norms and biases stay float32.
-            dtype = self.compute_dtype if name.endswith("/w") or name == "model/wte" else tf.float32
+            matrix = name.endswith("/w") or name == "model/wte"
+            dtype = self.compute_dtype if matrix and not float32_variables else tf.float32
             if tf.as_dtype(getattr(value, "dtype", tf.float32)) != dtype:
                 value = tf.cast(value, dtype)
             self.weights[name] = tf.Variable(value, trainable=True, name=name)
@@ -98,10 +103,10 @@ class GPT2(tf.Module):
 
     def _linear(self, x, scope):
         """x [..., in] times the conv1d weight [1, in, out], plus bias."""
-        w = self._w(scope + "/w")
+        w = tf.cast(self._w(scope + "/w"), self.compute_dtype)
         n_in, n_out = w.shape[1], w.shape[2]
         flat = x if x.shape.rank == 2 else tf.reshape(x, [-1, n_in])
-        y = tf.matmul(tf.cast(flat, w.dtype), tf.reshape(w, [n_in, n_out]))
+        y = tf.matmul(tf.cast(flat, self.compute_dtype), tf.reshape(w, [n_in, n_out]))
         y = tf.cast(y, tf.float32) + self._w(scope + "/b")
         return y if x.shape.rank == 2 else tf.reshape(y, tf.concat([tf.shape(x)[:-1], [n_out]], 0))
 
@@ -120,20 +125,20 @@ class GPT2(tf.Module):
 
     def _logits(self, h):
         """Output logits through the tied embedding, [..., n_vocab] float32."""
-        wte = self._w("wte")
-        flat = tf.reshape(tf.cast(h, wte.dtype), [-1, self.hparams.n_embd])
+        wte = tf.cast(self._w("wte"), self.compute_dtype)
+        flat = tf.reshape(tf.cast(h, self.compute_dtype), [-1, self.hparams.n_embd])
         logits = tf.cast(tf.matmul(flat, wte, transpose_b=True), tf.float32)
         return tf.reshape(logits, tf.concat([tf.shape(h)[:-1], [self.hparams.n_vocab]], 0))
 
     def _attend(self, q, k, v, keep):
         """Masked softmax attention. q [B, H, T, D], k/v [B, H, S, D], keep broadcastable to [B, H, T, S]."""
-        dtype = k.dtype
-        w = tf.matmul(tf.cast(q, dtype), k, transpose_b=True)
+        dtype = self.compute_dtype
+        w = tf.matmul(tf.cast(q, dtype), tf.cast(k, dtype), transpose_b=True)
         w = tf.cast(w, tf.float32) * tf.math.rsqrt(tf.cast(self.hparams.head_dim, tf.float32))
         # The reference's masking, so masked positions get exactly zero weight.
         w = w * keep - 1e10 * (1 - keep)
         w = tf.nn.softmax(w, axis=-1)
-        return tf.cast(tf.matmul(tf.cast(w, dtype), v), tf.float32)
+        return tf.cast(tf.matmul(tf.cast(w, dtype), tf.cast(v, dtype)), tf.float32)
 
     def _split_heads(self, x):
         hp = self.hparams
@@ -185,6 +190,29 @@ class GPT2(tf.Module):
             return hidden[:-1] + [h]
         present = tf.stack(presents, axis=1)  # [B, L, 2, H, T, D]
         return self._logits(h), present
+
+    # --- training -------------------------------------------------------------------------
+
+    def training_logits(self, tokens, recompute=False):
+        """Logits [B, T, V] float32 of a full pass with no cache, for training.
+
+        With `recompute`, backpropagation keeps only each block's input and recomputes the
+        block's activations (the fork's memory_saving_gradients): less memory for more compute.
+        """
+        t = tf.shape(tokens)[1]
+        positions = tf.range(t)
+        keep = keep_mask(positions, t, tf.zeros([1], tf.int32))  # [1, 1, T, T]
+        h = self._embed(tokens, positions[None, :])
+        for i in range(self.hparams.n_layer):
+            block = functools.partial(self._block, layer=i, keep=keep)
+            h = tf.recompute_grad(block)(h) if recompute else block(h)
+        return self._logits(self._norm(h, "ln_f"))
+
+    def _block(self, h, layer, keep):
+        qkv = self._linear(self._norm(h, f"h{layer}/ln_1"), f"h{layer}/attn/c_attn")
+        q, k, v = (self._split_heads(x) for x in tf.split(qkv, 3, axis=2))
+        h = h + self._linear(self._merge_heads(self._attend(q, k, v, keep)), f"h{layer}/attn/c_proj")
+        return h + self._mlp(h, layer)
 
     # --- cached decoding (the sampler's hot path) ----------------------------------------
 

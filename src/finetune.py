@@ -1,0 +1,124 @@
+"""The fine-tuning loop: train, log, sample, validate and save, as the fork's train.py does.
+
+`train.py` is its command line and `api.Model.fine_tune` its Python entry; both come here.
+"""
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+
+import runs
+
+
+@dataclasses.dataclass
+class Schedule:
+    """When the loop does what (the fork's flags). Steps count completed updates."""
+
+    batch_size: int = 1
+    sample_every: int = 100
+    sample_length: int = 1023
+    sample_num: int = 1
+    top_k: int = 40
+    top_p: float = 1.0
+    save_every: int = 1000
+    val_every: int = 0
+    max_steps: int = 0  # stop after this step (0: run until interrupted)
+    max_to_keep: int = 5
+    sample_dir: str = None  # where samples-<step> files go (None: printed only)
+
+
+class _StopOnSigint:
+    """The first Ctrl-C asks the loop to stop after the current step and save; a second one
+    interrupts at once (the previous save stays loadable)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("interrupted: finishing this step, then saving (Ctrl-C again to quit without saving)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batches=(), out=sys.stdout):
+    """Trains until `schedule.max_steps` or Ctrl-C, then saves; returns the last step.
+
+    Args:
+        trainer: A `trainer.Trainer`.
+        encoder: The model's encoder, for samples.
+        data: A `dataset.TokenSampler` over the training tokens.
+        run_dir: The run directory (prepared by `runs.prepare`), where saves go.
+        schedule: A `Schedule`.
+        start_step: Updates already done (when resuming).
+        val_batches: Fixed numpy batches [B, T] for validation.
+    """
+    lm, strategy = trainer.lm, trainer.strategy
+    # Under multi-worker training, one worker writes files; the others only compute.
+    writer = strategy.extended.should_checkpoint
+    window = data.window_length(lm.hparams.n_ctx)
+    step, saved = start_step, start_step
+    average = [0.0, 0.0]  # the fork's decaying loss average: (weighted sum, weight)
+    start = time.time()
+
+    def save():
+        nonlocal saved
+        if writer and step != saved:
+            print(f"Saving {os.path.join(run_dir, f'model-{step}')}", file=out, flush=True)
+            runs.save(run_dir, step, lm, trainer.optimizer, schedule.max_to_keep)
+        saved = step
+
+    with _StopOnSigint() as stop:
+        while not stop.requested and not (schedule.max_steps and step >= schedule.max_steps):
+            batches = [data.batch(schedule.batch_size, window) for _ in range(trainer.accumulate)]
+            loss = trainer.train_step(batches, step)
+            step += 1
+            average = [average[0] * 0.99 + loss, average[1] * 0.99 + 1]
+            print(f"[{step} | {time.time() - start:2.2f}] loss={loss:2.2f} avg={average[0] / average[1]:2.2f}",
+                  file=out, flush=True)
+            if val_batches and schedule.val_every and (step % schedule.val_every == 0 or step == 1):
+                val_loss = sum(trainer.evaluate(b) for b in val_batches) / len(val_batches)
+                print(f"[{step} | {time.time() - start:2.2f}] validation loss = {val_loss:2.2f}", file=out, flush=True)
+            if schedule.save_every and step % schedule.save_every == 0:
+                save()
+            if schedule.sample_every and schedule.sample_num and step % schedule.sample_every == 0 and writer:
+                write_samples(lm, encoder, schedule, step, out)
+    save()
+    return step
+
+
+def write_samples(lm, encoder, schedule, step, out=sys.stdout):
+    """Generates `sample_num` unconditional samples (each starts from <|endoftext|>), prints them
+    and writes them to `sample_dir/samples-<step>`."""
+    import api
+
+    model = api.Model(lm, encoder)
+    texts = []
+    for first in range(0, schedule.sample_num, schedule.batch_size):
+        rows = min(schedule.batch_size, schedule.sample_num - first)
+        texts += model.generate([[encoder.eot_token]] * rows, schedule.sample_length, top_k=schedule.top_k,
+                                top_p=schedule.top_p, seed=step * 1000 + first)
+    report = "".join(f"{'=' * 8} SAMPLE {i + 1} {'=' * 8}\n{text}\n" for i, text in enumerate(texts))
+    print(report, file=out, end="", flush=True)
+    if schedule.sample_dir:
+        os.makedirs(schedule.sample_dir, exist_ok=True)
+        runs.write_atomically(os.path.join(schedule.sample_dir, f"samples-{step}"), report)
+
+
+def validation_batches(data, batch_size, batch_count, n_ctx):
+    """The fork's fixed validation set: `batch_count` batches drawn once, up front."""
+    window = data.window_length(n_ctx)
+    return [data.batch(batch_size, window) for _ in range(batch_count)]
+

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Fine-tunes GPT-2 on a text corpus, with the flags of the nshepperd/gpt-2 fork's train.py.
+
+Saves go to `checkpoint/<run_name>/`, a complete model directory: sample from it with
+`--models_dir checkpoint --model_name <run_name>`.
+"""
+import os
+
+import cli
+from cli import UserError
+
+HELP = dict(
+    dataset="Training text: a file, a directory, a glob, or .npz files made by encode.py.",
+    model_name="Model to start from, under models_dir: 124M, 355M, 774M, 1558M.",
+    run_name="Run directory name under checkpoint_dir (and sample_dir).",
+    checkpoint_dir="Where run directories go.",
+    sample_dir="Where samples-<step> files go, under <sample_dir>/<run_name>.",
+    combine="Join text files, separated by <|endoftext|>, into chunks of at least this many characters.",
+    encoding="Text encoding of the dataset files.",
+    batch_size="Windows per step (split across devices with --strategy).",
+    learning_rate="Optimizer step size.",
+    accumulate_gradients="Batches whose gradients are averaged into each update.",
+    memory_saving_gradients="Recompute each block's activations during backprop: less memory, more time.",
+    only_train_transformer_layers="Train the transformer blocks only, not the embeddings or final norm.",
+    optimizer="adam or sgd.",
+    noise="Probability of replacing each input token by a random one (a regulariser).",
+    top_k="top_k for the samples printed during training (0: off).",
+    top_p="top_p for the samples printed during training (0 or 1: off).",
+    restore_from="latest (continue this run, else start from the model), fresh (start from the model), "
+                 "or a path: a model directory or a checkpoint prefix such as checkpoint/run1/model-500.",
+    sample_every="Print and save samples every this many steps (0: never).",
+    sample_length="Tokens per sample (default: 1023, or n_ctx - 1 for models with a shorter window).",
+    sample_num="Samples each time.",
+    save_every="Save every this many steps (and always at the end and on Ctrl-C).",
+    val_dataset="Validation text, like --dataset (default: no validation).",
+    val_batch_size="Windows per validation batch.",
+    val_batch_count="Validation batches, drawn once at the start.",
+    val_every="Report validation loss every this many steps (0: never).",
+    max_steps="Stop and save after this step (the count continues across restarts; default: run until Ctrl-C).",
+    max_to_keep="Saves of the model kept in the run directory.",
+    strategy="default (one device), mirrored (all local GPUs), or multi_worker (machines listed in TF_CONFIG).",
+    precision="float32, mixed_bfloat16 or mixed_float16 (float32 weights, matrix products in 16 bits: for GPUs).",
+    seed="Integer seed for the data order and noise (default: random).",
+)
+
+
+def _whole(name, value, least):
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise UserError(f"--{name} must be a whole number >= {least}, got {value!r}")
+    return value
+
+
+@cli.documented("Fine-tunes a GPT-2 model on your text; Ctrl-C stops it and saves.", **HELP)
+def train(dataset=None, model_name="124M", models_dir="models", run_name="run1", checkpoint_dir="checkpoint",
+          sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=2e-5,
+          accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
+          optimizer="adam", noise=0.0, top_k=40, top_p=0.0, restore_from="latest", sample_every=100,
+          sample_length=None, sample_num=1, save_every=1000, val_dataset=None, val_batch_size=2,
+          val_batch_count=40, val_every=0, max_steps=None, max_to_keep=5, strategy="default",
+          precision="float32", seed=None):
+    if not dataset:
+        raise UserError("--dataset is required: a text file, directory, glob or .npz from encode.py")
+    for name, least in (("batch_size", 1), ("accumulate_gradients", 1), ("sample_every", 0), ("sample_num", 0),
+                        ("save_every", 0), ("val_batch_size", 1), ("val_batch_count", 1), ("val_every", 0),
+                        ("max_to_keep", 1), ("combine", 1), ("top_k", 0)):
+        _whole(name, locals()[name], least)
+    if max_steps is not None:
+        _whole("max_steps", max_steps, 1)
+    if not isinstance(learning_rate, (int, float)) or learning_rate <= 0:
+        raise UserError(f"--learning_rate must be a number > 0, got {learning_rate!r}")
+    if not isinstance(noise, (int, float)) or not 0 <= noise < 1:
+        raise UserError(f"--noise must be a probability in [0, 1), got {noise!r}")
+    top_p = 1.0 if top_p == 0 else top_p  # the fork's 0 means off, as our 1 does
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1] (0 or 1: off), got {top_p!r}")
+    if optimizer not in ("adam", "sgd"):
+        raise UserError(f"--optimizer must be adam or sgd, got {optimizer!r}")
+
+    cli.import_tensorflow()
+    import api
+    import checkpoint
+    import dataset as dataset_lib
+    import encoder as encoder_lib
+    import finetune
+    import runs
+    import sample
+    import trainer as trainer_lib
+
+    api.configure_devices()
+    strategy = trainer_lib.make_strategy(strategy)
+    trainer_lib.parse_precision(precision)
+    run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
+    source_dir, prefix, start_step = resolve_start(restore_from, run_dir, model_name, models_dir)
+    hp = checkpoint.load_hparams(source_dir)
+    if sample_length is None:
+        sample_length = min(1023, hp.n_ctx - 1)
+    _whole("sample_length", sample_length, 1)
+    if sample_length > hp.n_ctx - 1:
+        raise UserError(f"--sample_length ({sample_length}) must be at most n_ctx - 1 ({hp.n_ctx - 1}): "
+                        "samples start from one <|endoftext|> token")
+    enc = encoder_lib.Encoder.from_dir(source_dir)
+    seed = sample.new_seed(seed)
+
+    print("Loading dataset...", flush=True)
+    data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, dataset, combine, encoding), seed=seed)
+    window = data.window_length(hp.n_ctx)
+    print(f"dataset has {data.total_tokens} tokens; training on windows of {window} tokens", flush=True)
+    val_batches = []
+    if val_dataset and val_every:
+        val_data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, val_dataset, combine, encoding), seed=1)
+        val_batches = finetune.validation_batches(val_data, val_batch_size, val_batch_count, hp.n_ctx)
+
+    lm = trainer_lib.build_model(hp, checkpoint.read_weights(source_dir, hp, prefix=prefix), strategy, precision)
+    trainer = trainer_lib.Trainer(lm, strategy, optimizer=optimizer, learning_rate=learning_rate,
+                                  accumulate_gradients=accumulate_gradients,
+                                  memory_saving_gradients=memory_saving_gradients,
+                                  only_train_transformer_layers=only_train_transformer_layers, noise=noise, seed=seed)
+    trainer.distribute(data.batch(batch_size, 1))  # checks the batch splits evenly across devices
+    if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer):
+        print(f"Resuming {run_dir} at step {start_step} with its optimizer state", flush=True)
+    runs.prepare(run_dir, source_dir, hp)
+    schedule = finetune.Schedule(
+        batch_size=batch_size, sample_every=sample_every, sample_length=sample_length, sample_num=sample_num,
+        top_k=top_k, top_p=top_p, save_every=save_every, val_every=val_every, max_steps=max_steps or 0,
+        max_to_keep=max_to_keep, sample_dir=os.path.join(os.path.expanduser(sample_dir), run_name))
+    print("Training...", flush=True)
+    finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches)
+
+
+def resolve_start(restore_from, run_dir, model_name, models_dir):
+    """Where the starting weights come from: (model directory, checkpoint prefix or None, step)."""
+    import checkpoint
+    import hparams as hparams_lib
+    import runs
+
+    if restore_from == "latest":
+        step = runs.latest_step(run_dir)
+        if step is not None:
+            return run_dir, os.path.join(run_dir, f"model-{step}"), step
+        return hparams_lib.model_dir(model_name, models_dir), None, 0
+    if restore_from == "fresh":
+        return hparams_lib.model_dir(model_name, models_dir), None, 0
+    path = os.path.expanduser(str(restore_from))
+    if os.path.isdir(path):
+        return path, checkpoint.checkpoint_prefix(path), 0
+    if os.path.exists(path + ".index"):
+        return os.path.dirname(path) or ".", path, 0
+    raise UserError(f"--restore_from must be latest, fresh, a model directory or a checkpoint prefix; "
+                    f"'{restore_from}' is none of these")
+
+
+if __name__ == "__main__":
+    cli.run(train)

@@ -1,0 +1,184 @@
+"""The fine-tuning computation: loss, compiled training step, gradient accumulation, devices.
+
+Every step goes through a tf.distribute strategy, the default one on a single device, so one
+code path serves a CPU, one GPU, the GPUs of a machine (mirrored) and several machines
+(multi-worker, configured by TF_CONFIG).
+"""
+import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
+import tensorflow as tf
+
+import model as model_lib
+import optimizers
+from cli import UserError
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
+
+
+def make_strategy(name):
+    """The tf.distribute strategy called `name` (one of STRATEGIES)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+def parse_precision(precision):
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def build_model(hparams, weights, strategy, precision="float32"):
+    """A GPT2 with float32 variables (mirrored when the strategy has several devices)."""
+    with strategy.scope():
+        return model_lib.GPT2(hparams, weights, compute_dtype=parse_precision(precision), float32_variables=True)
+
+
+def loss_of(lm, tokens, inputs=None, recompute=False):
+    """Mean next-token cross-entropy over tokens [B, T], predicting tokens[:, 1:] from `inputs`
+    (default: the tokens themselves)."""
+    logits = lm.training_logits(tokens if inputs is None else inputs, recompute=recompute)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens[:, 1:], logits=logits[:, :-1]))
+
+
+def add_noise(tokens, p, n_vocab, seed):
+    """Replaces each token by a uniformly random one with probability p (the fork's --noise)."""
+    replace = tf.random.stateless_uniform(tf.shape(tokens), seed) < p
+    random = tf.random.stateless_uniform(tf.shape(tokens), seed + 1, minval=0, maxval=n_vocab, dtype=tf.int32)
+    return tf.where(replace, random, tokens)
+
+
+class Trainer:
+    """Trains `lm` (built by `build_model` under `strategy`) on batches of token windows.
+
+    Args:
+        lm: A `model.GPT2` whose variables were created in `strategy.scope()`.
+        strategy: The tf.distribute strategy; batches are split evenly across its replicas.
+        optimizer: 'adam' or 'sgd'.
+        learning_rate: The optimizer's step size.
+        accumulate_gradients: Batches whose gradients are averaged into each update.
+        memory_saving_gradients: Recompute each block's activations during backprop.
+        only_train_transformer_layers: Train the blocks only, not embeddings or the final norm.
+        noise: Probability of replacing each input token by a random one.
+        seed: Seeds the noise.
+    """
+
+    def __init__(self, lm, strategy, optimizer="adam", learning_rate=2e-5, accumulate_gradients=1,
+                 memory_saving_gradients=False, only_train_transformer_layers=False, noise=0.0, seed=0):
+        if optimizer not in optimizers.OPTIMIZERS:
+            raise UserError(f"--optimizer must be one of {', '.join(optimizers.OPTIMIZERS)}, got {optimizer!r}")
+        self.lm, self.strategy = lm, strategy
+        self.accumulate = int(accumulate_gradients)
+        self.recompute = bool(memory_saving_gradients)
+        self.noise, self.seed = float(noise), int(seed)
+        self.variables = [v for name, v in lm.weights.items()
+                          if not only_train_transformer_layers or name.startswith("model/h")]
+        self.fp16 = lm.compute_dtype == tf.float16
+        with strategy.scope():
+            self.optimizer = optimizers.OPTIMIZERS[optimizer](self.variables, learning_rate)
+            # float16 gradients underflow: the loss is scaled up and the scale halved on overflow.
+            self.loss_scale = tf.Variable(2.0 ** 15 if self.fp16 else 1.0, trainable=False, name="loss_scale")
+            self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
+            self.sums = ([tf.Variable(tf.zeros(v.shape), trainable=False) for v in self.variables]
+                         if self.accumulate > 1 else [])
+        self._step = tf.function(self._train_step, autograph=False)
+        self._accumulate = tf.function(self._accumulate_step, autograph=False)
+        self._apply_sums = tf.function(self._apply_accumulated, autograph=False)
+        self._eval = tf.function(self._eval_step, autograph=False)
+
+    # --- per replica ---------------------------------------------------------------------
+
+    def _replica_gradients(self, tokens, seed):
+        inputs = add_noise(tokens, self.noise, self.lm.hparams.n_vocab, seed) if self.noise > 0 else tokens
+        with tf.GradientTape() as tape:
+            loss = loss_of(self.lm, tokens, inputs, recompute=self.recompute)
+            scaled = loss * self.loss_scale if self.fp16 else loss
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, self.variables)]
+        if self.fp16:
+            grads = [g / self.loss_scale for g in grads]
+        return loss, grads
+
+    # --- compiled steps (cross-replica) --------------------------------------------------
+
+    def _gradients(self, tokens, seed):
+        loss, grads = self.strategy.run(self._replica_gradients, args=(tokens, seed))
+        # Averaged across replicas into mirrored values, one copy beside each copy of the variable.
+        grads = self.strategy.extended.batch_reduce_to(
+            tf.distribute.ReduceOp.MEAN, list(zip(grads, self.variables)))
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None), grads
+
+    def _train_step(self, tokens, seed):
+        loss, grads = self._gradients(tokens, seed)
+        self._apply(grads)
+        return loss
+
+    def _accumulate_step(self, tokens, seed):
+        loss, grads = self._gradients(tokens, seed)
+        for total, grad in zip(self.sums, grads):
+            self.strategy.extended.update(total, lambda t, g: t.assign_add(g), args=(grad,), group=False)
+        return loss
+
+    def _apply_accumulated(self):
+        grads = [total / self.accumulate for total in self.sums]
+        self._apply(grads)
+        for total in self.sums:
+            total.assign(tf.zeros_like(total))
+
+    def _apply(self, grads):
+        if not self.fp16:
+            self.optimizer.apply(grads, self.variables)
+            return
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(self.strategy.experimental_local_results(g)[0]))
+                                for g in grads])
+
+        def step():
+            self.optimizer.apply(grads, self.variables)
+            self.good_steps.assign_add(1)
+            # After a run of good steps, try a larger scale again.
+            grow = self.good_steps >= 2000
+            self.loss_scale.assign(tf.where(grow, self.loss_scale * 2, self.loss_scale))
+            self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64), self.good_steps))
+            return tf.constant(True)
+
+        def skip():
+            self.loss_scale.assign(tf.maximum(self.loss_scale / 2, 1.0))
+            self.good_steps.assign(0)
+            return tf.constant(False)
+
+        tf.cond(finite, step, skip)
+
+    def _eval_step(self, tokens):
+        losses = self.strategy.run(lambda t: loss_of(self.lm, t), args=(tokens,))
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
+
+    # --- public --------------------------------------------------------------------------
+
+    def distribute(self, batch):
+        """Splits a numpy batch [B, T] into equal parts, one per replica."""
+        replicas = self.strategy.num_replicas_in_sync
+        if len(batch) % replicas:
+            raise UserError(f"--batch_size ({len(batch)}) must be a multiple of the {replicas} devices in use")
+        part = len(batch) // replicas
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(batch[ctx.replica_id_in_sync_group * part:][:part], tf.int32))
+
+    def train_step(self, batches, step):
+        """One update from `accumulate_gradients` batches (a list of numpy [B, T]); the mean loss."""
+        if len(batches) != self.accumulate:
+            raise ValueError(f"expected {self.accumulate} batches, got {len(batches)}")
+        seeds = [tf.constant([self.seed, step * self.accumulate + i], tf.int32) for i in range(len(batches))]
+        with self.strategy.scope():
+            if self.accumulate == 1:
+                return float(self._step(self.distribute(batches[0]), seeds[0]))
+            losses = [float(self._accumulate(self.distribute(b), s)) for b, s in zip(batches, seeds)]
+            self._apply_sums()
+        return sum(losses) / len(losses)
+
+    def evaluate(self, batch):
+        """Mean loss of a numpy batch [B, T], without training."""
+        with self.strategy.scope():
+            return float(self._eval(self.distribute(batch)))

@@ -1,0 +1,160 @@
+"""The training step against independent arithmetic: numpy Adam and SGD, averaged accumulation,
+recomputation, frozen layers, noise, mixed precision."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoint
+import trainer
+from conftest import TINY_HPARAMS
+from hparams import HParams
+
+HP = HParams(**TINY_HPARAMS)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return checkpoint.random_weights(HP, seed=3, std=0.2)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, HP.n_vocab, (2, 16)).astype(np.int32) for _ in range(3)]
+
+
+def fresh_trainer(weights, **options):
+    strategy = tf.distribute.get_strategy()
+    precision = options.pop("precision", "float32")
+    lm = trainer.build_model(HP, weights, strategy, precision)
+    return trainer.Trainer(lm, strategy, **options)
+
+
+def gradients(weights, batch):
+    """Loss and gradients of the loss by a separate model, as numpy."""
+    lm = trainer.build_model(HP, weights, tf.distribute.get_strategy())
+    with tf.GradientTape() as tape:
+        loss = trainer.loss_of(lm, tf.constant(batch))
+    grads = tape.gradient(loss, list(lm.weights.values()))
+    return float(loss), {n: tf.convert_to_tensor(g).numpy() for n, g in zip(lm.weights, grads)}
+
+
+def values(t):
+    return {n: v.numpy() for n, v in t.lm.weights.items()}
+
+
+def test_loss_is_the_mean_next_token_cross_entropy(weights, batches):
+    lm = trainer.build_model(HP, weights, tf.distribute.get_strategy())
+    logits = lm(batches[0])["logits"].numpy().astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    targets = batches[0][:, 1:]
+    expected = -np.take_along_axis(logp[:, :-1], targets[..., None], -1).mean()
+    assert float(trainer.loss_of(lm, tf.constant(batches[0]))) == pytest.approx(expected, rel=1e-5)
+
+
+def test_adam_matches_numpy_adam_over_two_steps(weights, batches):
+    t = fresh_trainer(weights, optimizer="adam", learning_rate=1e-2)
+    expected = {n: np.array(w) for n, w in weights.items()}
+    m = {n: np.zeros_like(w) for n, w in expected.items()}
+    v = {n: np.zeros_like(w) for n, w in expected.items()}
+    # Adam divides by the gradient's size, so where it is ~0 (the key biases: softmax ignores a
+    # shift shared by all keys) rounding noise decides the step; compare the rest.
+    settled = {n: np.ones(w.shape, bool) for n, w in expected.items()}
+    for n in settled:
+        if n.endswith("attn/c_attn/b"):
+            settled[n][HP.n_embd:2 * HP.n_embd] = False
+    for step in range(2):
+        loss, grads = gradients(expected, batches[step])
+        assert t.train_step([batches[step]], step) == pytest.approx(loss, rel=1e-5)
+        for n, g in grads.items():
+            settled[n] &= np.abs(g) > 1e-8
+            m[n] = 0.9 * m[n] + 0.1 * g
+            v[n] = 0.999 * v[n] + 0.001 * g * g
+            lr = 1e-2 * np.sqrt(1 - 0.999 ** (step + 1)) / (1 - 0.9 ** (step + 1))
+            expected[n] = expected[n] - lr * m[n] / (np.sqrt(v[n]) + 1e-8)
+    got = values(t)
+    assert sum(s.sum() for s in settled.values()) > 0.9 * sum(s.size for s in settled.values())
+    for n in expected:
+        np.testing.assert_allclose(got[n][settled[n]], expected[n][settled[n]], atol=1e-4, err_msg=n)  # 1% of a step
+    assert int(t.optimizer.iterations.numpy()) == 2
+
+
+def test_sgd_step_is_learning_rate_times_gradient(weights, batches):
+    t = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5)
+    _, grads = gradients(weights, batches[0])
+    t.train_step([batches[0]], 0)
+    got = values(t)
+    for n, g in grads.items():
+        np.testing.assert_allclose(got[n], weights[n] - 0.5 * g, atol=1e-6, err_msg=n)
+
+
+def test_accumulated_gradients_are_averaged_not_summed(weights, batches):
+    accumulated = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, accumulate_gradients=2)
+    loss = accumulated.train_step(batches[:2], 0)
+    # Two equal-sized batches averaged = one batch holding both.
+    together = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5)
+    assert loss == pytest.approx(together.train_step([np.concatenate(batches[:2])], 0), rel=1e-5)
+    for n, value in values(together).items():
+        np.testing.assert_allclose(values(accumulated)[n], value, atol=1e-6, err_msg=n)
+
+
+def test_memory_saving_gradients_give_the_same_update(weights, batches):
+    plain = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5)
+    recomputed = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, memory_saving_gradients=True)
+    assert plain.train_step([batches[0]], 0) == pytest.approx(recomputed.train_step([batches[0]], 0), rel=1e-6)
+    for n, value in values(plain).items():
+        np.testing.assert_allclose(values(recomputed)[n], value, atol=1e-6, err_msg=n)
+
+
+def test_only_transformer_layers_leaves_embeddings_and_final_norm(weights, batches):
+    t = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, only_train_transformer_layers=True)
+    t.train_step([batches[0]], 0)
+    for n, value in values(t).items():
+        changed = not np.array_equal(value, weights[n])
+        assert changed == n.startswith("model/h"), n
+
+
+def test_noise_replaces_inputs_at_the_given_rate_deterministically():
+    tokens = tf.zeros([64, 64], tf.int32)
+    seed = tf.constant([1, 2])
+    noisy = trainer.add_noise(tokens, 0.25, HP.n_vocab, seed).numpy()
+    assert 0.2 < (noisy != 0).mean() < 0.3
+    np.testing.assert_array_equal(noisy, trainer.add_noise(tokens, 0.25, HP.n_vocab, seed).numpy())
+    assert noisy.max() < HP.n_vocab
+
+
+def test_noise_changes_the_inputs_not_the_targets(weights, batches):
+    clean = fresh_trainer(weights, optimizer="sgd", learning_rate=0.0 + 1e-9)
+    noisy = fresh_trainer(weights, optimizer="sgd", learning_rate=1e-9, noise=0.5)
+    clean_loss = clean.train_step([batches[0]], 0)
+    assert noisy.train_step([batches[0]], 0) != pytest.approx(clean_loss, rel=1e-4)
+    # Noise of 0 is exactly the clean loss.
+    assert fresh_trainer(weights, learning_rate=1e-9, noise=0.0).train_step([batches[0]], 0) == \
+        pytest.approx(clean_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_float32_weights_and_tracks_the_float32_loss(weights, batches, precision):
+    exact = fresh_trainer(weights, learning_rate=1e-3)
+    mixed = fresh_trainer(weights, learning_rate=1e-3, precision=precision)
+    assert all(v.dtype == tf.float32 for v in mixed.lm.weights.values())
+    for step in range(2):
+        assert mixed.train_step([batches[step]], step) == pytest.approx(exact.train_step([batches[step]], step),
+                                                                        abs=0.05)
+
+
+def test_evaluate_does_not_train(weights, batches):
+    t = fresh_trainer(weights)
+    first = t.evaluate(batches[0])
+    assert t.evaluate(batches[0]) == first
+    assert all(np.array_equal(v, weights[n]) for n, v in values(t).items())
+
+
+def test_bad_options_are_user_errors(weights):
+    with pytest.raises(trainer.UserError, match="optimizer"):
+        fresh_trainer(weights, optimizer="adagrad")
+    with pytest.raises(trainer.UserError, match="strategy"):
+        trainer.make_strategy("tpu_pod")
+    with pytest.raises(trainer.UserError, match="precision"):
+        trainer.parse_precision("float8")
