@@ -1,0 +1,142 @@
+"""train.py end to end on the tiny model: memorising, resuming, Ctrl-C, devices, bad input."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT, SRC_DIR, run_script
+
+CORPUS = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the door."
+STEP_LINE = re.compile(r"^\[(\d+) \| (\d+\.\d\d)\] loss=(\d+\.\d\d) avg=(\d+\.\d\d)$", re.M)
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS, encoding="utf-8")
+    return str(path)
+
+
+def train(tiny_models_dir, tmp_path, *args, env=None):
+    return run_script("train.py", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+                      "--checkpoint_dir", str(tmp_path / "checkpoint"), "--sample_dir", str(tmp_path / "samples"),
+                      *args, env=env)
+
+
+def losses(stdout):
+    return [(int(m.group(1)), float(m.group(3))) for m in STEP_LINE.finditer(stdout)]
+
+
+def test_memorises_a_small_corpus_and_the_run_directory_samples_it_back(tiny_models_dir, tmp_path, corpus):
+    result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--learning_rate", "0.01", "--max_steps", "120",
+                   "--save_every", "50", "--sample_every", "60", "--sample_length", "8", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    steps = losses(result.stdout)
+    assert [s for s, _ in steps] == list(range(1, 121))
+    assert steps[0][1] > 5 and steps[-1][1] < 0.2, steps[-1]
+    # The text is shorter than the model's 64-token window: training used the whole text.
+    assert re.search(r"training on windows of (\d+) tokens", result.stdout).group(1) == "21"
+    run = tmp_path / "checkpoint" / "run1"
+    assert {"hparams.json", "encoder.json", "vocab.bpe", "checkpoint", "counter", "model-120.index"} <= set(
+        os.listdir(run))
+    assert (run / "counter").read_text().strip() == "120"
+    assert (tmp_path / "samples" / "run1" / "samples-120").read_text().startswith("======== SAMPLE 1 ========")
+
+    prompt = "The quick brown fox"
+    sampled = run_script("generate_conditional_samples.py", prompt, "--models_dir", str(tmp_path / "checkpoint"),
+                         "--model_name", "run1", "--temperature", "0", "--length", "17")
+    assert sampled.returncode == 0, sampled.stderr
+    assert CORPUS[len(prompt):] in sampled.stdout
+
+
+def test_restarting_with_latest_continues_the_count_and_the_optimizer(tiny_models_dir, tmp_path, corpus):
+    first = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "3", "--sample_every", "0")
+    assert first.returncode == 0, first.stderr
+    second = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "5", "--sample_every", "0")
+    assert second.returncode == 0, second.stderr
+    assert [s for s, _ in losses(second.stdout)] == [4, 5]
+    assert "at step 3 with its optimizer state" in second.stdout
+    run = tmp_path / "checkpoint" / "run1"
+    assert (run / "counter").read_text().strip() == "5"
+    fresh = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0",
+                  "--restore_from", "fresh")
+    assert [s for s, _ in losses(fresh.stdout)] == [1]
+
+
+def test_ctrl_c_stops_after_the_step_and_saves_a_loadable_checkpoint(tiny_models_dir, tmp_path, corpus):
+    command = [sys.executable, os.path.join(SRC_DIR, "train.py"), "--dataset", corpus, "--model_name", "tiny",
+               "--models_dir", tiny_models_dir, "--checkpoint_dir", str(tmp_path / "checkpoint"),
+               "--sample_every", "0", "--save_every", "1000000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 120
+    for line in process.stdout:
+        if line.startswith("[5 |") or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    run = tmp_path / "checkpoint" / "run1"
+    step = int((run / "counter").read_text())
+    assert step >= 5 and f"model-{step}" in (run / "checkpoint").read_text()
+
+    import model
+    lm = model.load_model("run1", str(tmp_path / "checkpoint"))
+    assert lm.hparams.n_ctx == 64
+
+
+def test_two_mirrored_devices_match_one_device(tiny_models_dir, tmp_path, corpus):
+    options = ["--dataset", corpus, "--batch_size", "2", "--max_steps", "4", "--sample_every", "0",
+               "--learning_rate", "0.001", "--seed", "7"]
+    one = train(tiny_models_dir, tmp_path / "one", *options)
+    two = train(tiny_models_dir, tmp_path / "two", *options, "--strategy", "mirrored",
+                env={"GPT2_CPU_DEVICES": "2"})
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert len(losses(one.stdout)) == 4
+    for (step, a), (_, b) in zip(losses(one.stdout), losses(two.stdout)):
+        assert a == pytest.approx(b, abs=0.011), step  # the log shows two decimals
+    odd = train(tiny_models_dir, tmp_path / "odd", "--dataset", corpus, "--batch_size", "3", "--strategy", "mirrored",
+                env={"GPT2_CPU_DEVICES": "2"})
+    assert odd.returncode == 2 and "multiple of the 2 devices" in odd.stderr
+
+
+def test_validation_loss_is_reported(tiny_models_dir, tmp_path, corpus):
+    result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--val_dataset", corpus, "--val_every", "2",
+                   "--val_batch_count", "2", "--max_steps", "2", "--sample_every", "0")
+    assert result.returncode == 0, result.stderr
+    assert len(re.findall(r"^\[\d+ \| \d+\.\d\d\] validation loss = \d+\.\d\d$", result.stdout, re.M)) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset", "nowhere/*.txt"], "no dataset files match"),
+    (["--optimizer", "adagrad"], "--optimizer must be adam or sgd"),
+    (["--sample_length", "64"], "--sample_length (64) must be at most n_ctx - 1 (63)"),
+    (["--restore_from", "no/such/run"], "--restore_from must be latest, fresh"),
+    (["--batch_size", "0"], "--batch_size must be a whole number >= 1"),
+    (["--noise", "1.5"], "--noise must be a probability"),
+])
+def test_bad_input_is_a_one_line_error(tiny_models_dir, tmp_path, corpus, args, message):
+    if "--dataset" not in args:
+        args = ["--dataset", corpus, *args]
+    result = train(tiny_models_dir, tmp_path, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_empty_and_too_small_datasets_are_one_line_errors(tiny_models_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Hi", encoding="utf-8")
+    for path in (empty, tiny):
+        result = train(tiny_models_dir, tmp_path, "--dataset", str(path))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    missing = train(tiny_models_dir, tmp_path)
+    assert missing.returncode == 2 and "--dataset is required" in missing.stderr
