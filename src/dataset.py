@@ -22,6 +22,7 @@ PIECE_CHARS = 1 << 20
 # A newline after a non-space character: the split pattern ends a word there whatever follows
 # and never looks behind, so the text on each side splits into the same words as the whole.
 SAFE_CUT = regex.compile(r"(?<=\S)\n")
+EOT_TEXT = "<|endoftext|>"
 # What a corrupt or foreign .npz raises while it is opened or read.
 NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
@@ -60,7 +61,9 @@ def _walk(directory):
 
 
 def encode_document(enc, text, piece_chars=PIECE_CHARS):
-    """Tokens of one document, equal to `enc.encode(text)`, as an int32 array.
+    """Tokens of one document, equal to `enc.encode(text)`, as an int32 array; except that a
+    literal "<|endoftext|>" in the text (how gpt-2-simple users separate documents within one
+    file) becomes the real <|endoftext|> token, not 13 characters of ordinary tokens.
 
     Args:
         enc: An `encoder.Encoder`.
@@ -70,7 +73,14 @@ def encode_document(enc, text, piece_chars=PIECE_CHARS):
     Returns:
         An int32 1-D array.
     """
-    return np.fromiter((t for piece in _pieces(text, piece_chars) for t in enc.encode(piece)), dtype=np.int32)
+    def tokens():
+        for i, part in enumerate(text.split(EOT_TEXT)):
+            if i:
+                yield enc.eot_token
+            for piece in _pieces(part, piece_chars):
+                yield from enc.encode(piece)
+
+    return np.fromiter(tokens(), dtype=np.int32)
 
 
 def _pieces(text, size):

@@ -56,6 +56,12 @@ def test_documents_are_joined_by_one_eot_token(enc, tmp_path):
     assert EOT_AS_TEXT[:3] not in [chunk[i:i + 3].tolist() for i in range(len(chunk) - 2)]
 
 
+def test_a_literal_separator_inside_a_file_becomes_the_real_token(enc, tmp_path):
+    text = "First story.<|endoftext|>Second story.\n<|endoftext|>"
+    (chunk,) = dataset.load_dataset(enc, write(tmp_path, {"stories.txt": text}), progress=False)
+    assert chunk.tolist() == enc.encode("First story.") + [EOT] + enc.encode("Second story.\n") + [EOT]
+
+
 def test_combine_closes_a_chunk_once_it_has_enough_characters(enc, tmp_path):
     rng = random.Random(0)
     texts = [" ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(rng.randint(1, 12))) for _ in range(30)]

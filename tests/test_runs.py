@@ -1,0 +1,89 @@
+"""Run directories: loadable as model directories, atomic saves, rotation, optimizer state."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import checkpoint
+import model
+import runs
+import trainer
+from conftest import TINY_HPARAMS
+from encoder import DEFAULT_VOCAB_DIR
+from hparams import HParams
+
+HP = HParams(**TINY_HPARAMS)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    strategy = tf.distribute.get_strategy()
+    lm = trainer.build_model(HP, checkpoint.random_weights(HP, seed=4), strategy)
+    t = trainer.Trainer(lm, strategy, learning_rate=1e-3)
+    run_dir = str(tmp_path / "checkpoint" / "run1")
+    runs.prepare(run_dir, DEFAULT_VOCAB_DIR, HP)
+    return t, run_dir
+
+
+def train_once(t, step):
+    t.train_step([np.random.default_rng(step).integers(0, HP.n_vocab, (1, 8)).astype(np.int32)], step)
+
+
+def test_a_save_is_a_model_directory_the_loader_reads(setup):
+    t, run_dir = setup
+    train_once(t, 0)
+    runs.save(run_dir, 1, t.lm, t.optimizer)
+    loaded = model.load_model("run1", os.path.dirname(run_dir))
+    for name, variable in t.lm.weights.items():
+        np.testing.assert_array_equal(loaded.weights[name].numpy(), variable.numpy())
+    assert runs.latest_step(run_dir) == 1
+    # A TF1 name-based restore reads it too: the names are the released ones.
+    reader = tf.train.load_checkpoint(os.path.join(run_dir, "model-1"))
+    assert set(reader.get_variable_to_shape_map()) == set(checkpoint.variable_shapes(HP))
+
+
+def test_a_crash_mid_save_leaves_the_previous_save_loadable(setup, monkeypatch):
+    t, run_dir = setup
+    runs.save(run_dir, 1, t.lm, t.optimizer)
+    before = {n: v.numpy() for n, v in t.lm.weights.items()}
+    train_once(t, 1)
+
+    def crash(path, text):
+        raise KeyboardInterrupt  # as if the process died before `checkpoint` was replaced
+
+    monkeypatch.setattr(runs, "write_atomically", crash)
+    with pytest.raises(KeyboardInterrupt):
+        runs.save(run_dir, 2, t.lm, t.optimizer)
+    monkeypatch.undo()
+    assert runs.latest_step(run_dir) == 1
+    loaded = model.load_model("run1", os.path.dirname(run_dir))
+    for name, value in before.items():
+        np.testing.assert_array_equal(loaded.weights[name].numpy(), value)
+
+
+def test_rotation_keeps_the_newest_saves_and_one_optimizer_state(setup):
+    t, run_dir = setup
+    for step in range(1, 5):
+        runs.save(run_dir, step, t.lm, t.optimizer, max_to_keep=2)
+    assert runs.saved_steps(run_dir) == [3, 4]
+    names = os.listdir(run_dir)
+    assert {n.split(".")[0] for n in names if n.startswith(("model-", "optimizer-"))} == {
+        "model-3", "model-4", "optimizer-4"}
+    assert open(os.path.join(run_dir, "counter")).read().strip() == "4"
+
+
+def test_optimizer_state_round_trips(setup):
+    t, run_dir = setup
+    for step in range(2):
+        train_once(t, step)
+    runs.save(run_dir, 2, t.lm, t.optimizer)
+    strategy = tf.distribute.get_strategy()
+    other = trainer.Trainer(trainer.build_model(HP, checkpoint.random_weights(HP, seed=4), strategy), strategy)
+    assert runs.restore_optimizer(run_dir, 2, other.optimizer)
+    assert int(other.optimizer.iterations.numpy()) == 2
+    for name, slot in t.optimizer.slots.items():
+        np.testing.assert_array_equal(other.optimizer.slots[name].numpy(), slot.numpy())
+    sgd = trainer.Trainer(trainer.build_model(HP, checkpoint.random_weights(HP), strategy), strategy, optimizer="sgd")
+    assert runs.restore_optimizer(run_dir, 2, sgd.optimizer)  # no slots to restore: only the step count
+    assert not runs.restore_optimizer(run_dir, 3, other.optimizer)
