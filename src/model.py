@@ -193,11 +193,13 @@ class GPT2(tf.Module):
 
     # --- training -------------------------------------------------------------------------
 
-    def training_logits(self, tokens, recompute=False):
+    def training_logits(self, tokens, recompute=False, skip_last=False):
         """Logits [B, T, V] float32 of a full pass with no cache, for training.
 
         With `recompute`, backpropagation keeps only each block's input and recomputes the
         block's activations (the fork's memory_saving_gradients): less memory for more compute.
+        `skip_last` leaves out the last position's logits ([B, T-1, V]), which predict past the
+        window and have no target.
         """
         t = tf.shape(tokens)[1]
         positions = tf.range(t)
@@ -206,6 +208,8 @@ class GPT2(tf.Module):
         for i in range(self.hparams.n_layer):
             block = functools.partial(self._block, layer=i, keep=keep)
             h = tf.recompute_grad(block)(h) if recompute else block(h)
+        if skip_last:
+            h = h[:, :-1]
         return self._logits(self._norm(h, "ln_f"))
 
     def _block(self, h, layer, keep):

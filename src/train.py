@@ -41,6 +41,8 @@ HELP = dict(
     strategy="default (one device), mirrored (all local GPUs), or multi_worker (machines listed in TF_CONFIG).",
     precision="float32, mixed_bfloat16 or mixed_float16 (float32 weights, matrix products in 16 bits: for GPUs).",
     seed="Integer seed for the data order and noise (default: random).",
+    xla="Compile the loss and gradients with XLA: ~12% faster after ~10 s of compiling (one device, "
+        "not with memory_saving_gradients). --noxla turns it off.",
 )
 
 
@@ -57,7 +59,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
           optimizer="adam", noise=0.0, top_k=40, top_p=0.0, restore_from="latest", sample_every=100,
           sample_length=None, sample_num=1, save_every=1000, val_dataset=None, val_batch_size=2,
           val_batch_count=40, val_every=0, max_steps=None, max_to_keep=5, strategy="default",
-          precision="float32", seed=None):
+          precision="float32", seed=None, xla=True):
     if not dataset:
         raise UserError("--dataset is required: a text file, directory, glob or .npz from encode.py")
     for name, least in (("batch_size", 1), ("accumulate_gradients", 1), ("sample_every", 0), ("sample_num", 0),
@@ -114,7 +116,8 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     trainer = trainer_lib.Trainer(lm, strategy, optimizer=optimizer, learning_rate=learning_rate,
                                   accumulate_gradients=accumulate_gradients,
                                   memory_saving_gradients=memory_saving_gradients,
-                                  only_train_transformer_layers=only_train_transformer_layers, noise=noise, seed=seed)
+                                  only_train_transformer_layers=only_train_transformer_layers, noise=noise, seed=seed,
+                                  xla=xla)
     trainer.distribute(data.batch(batch_size, 1))  # checks the batch splits evenly across devices
     if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer):
         print(f"Resuming {run_dir} at step {start_step} with its optimizer state", flush=True)

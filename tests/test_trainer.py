@@ -59,29 +59,30 @@ def test_adam_matches_numpy_adam_over_two_steps(weights, batches):
     m = {n: np.zeros_like(w) for n, w in expected.items()}
     v = {n: np.zeros_like(w) for n, w in expected.items()}
     # Adam divides by the gradient's size, so where it is ~0 (the key biases: softmax ignores a
-    # shift shared by all keys) rounding noise decides the step; compare the rest.
+    # shift shared by all keys; embeddings of absent tokens) rounding noise decides the step.
+    # The moments are linear in the gradient: compare them everywhere, the weights elsewhere.
     settled = {n: np.ones(w.shape, bool) for n, w in expected.items()}
-    for n in settled:
-        if n.endswith("attn/c_attn/b"):
-            settled[n][HP.n_embd:2 * HP.n_embd] = False
     for step in range(2):
         loss, grads = gradients(expected, batches[step])
         assert t.train_step([batches[step]], step) == pytest.approx(loss, rel=1e-5)
         for n, g in grads.items():
-            settled[n] &= np.abs(g) > 1e-8
+            settled[n] &= np.abs(g) > 1e-6
             m[n] = 0.9 * m[n] + 0.1 * g
             v[n] = 0.999 * v[n] + 0.001 * g * g
             lr = 1e-2 * np.sqrt(1 - 0.999 ** (step + 1)) / (1 - 0.9 ** (step + 1))
             expected[n] = expected[n] - lr * m[n] / (np.sqrt(v[n]) + 1e-8)
     got = values(t)
-    assert sum(s.sum() for s in settled.values()) > 0.9 * sum(s.size for s in settled.values())
+    assert sum(s.sum() for s in settled.values()) > 0.5 * sum(s.size for s in settled.values())
     for n in expected:
+        np.testing.assert_allclose(t.optimizer.slots[n + "/Adam"].numpy(), m[n], rtol=1e-3, atol=1e-6, err_msg=n)
+        np.testing.assert_allclose(t.optimizer.slots[n + "/Adam_1"].numpy(), v[n], rtol=1e-3, atol=1e-9, err_msg=n)
         np.testing.assert_allclose(got[n][settled[n]], expected[n][settled[n]], atol=1e-4, err_msg=n)  # 1% of a step
     assert int(t.optimizer.iterations.numpy()) == 2
 
 
-def test_sgd_step_is_learning_rate_times_gradient(weights, batches):
-    t = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5)
+@pytest.mark.parametrize("xla", [True, False])
+def test_sgd_step_is_learning_rate_times_gradient(weights, batches, xla):
+    t = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, xla=xla)
     _, grads = gradients(weights, batches[0])
     t.train_step([batches[0]], 0)
     got = values(t)
