@@ -70,8 +70,103 @@ def hf_rates(lm, batch_sizes, prompt_length, new_tokens):
     return rates
 
 
+def train_rate(model_dir, batch, length, steps, xla=True):
+    """Fine-tuning tokens/s (Adam, float32) on batches of random windows, the best of `steps`
+    steps after two warm-up steps (the first compiles), and the model trained."""
+    import numpy as np
+    import tensorflow as tf
+
+    import checkpoint
+    import trainer
+
+    hp = checkpoint.load_hparams(model_dir)
+    strategy = tf.distribute.get_strategy()
+    lm = trainer.build_model(hp, checkpoint.read_weights(model_dir, hp), strategy)
+    t = trainer.Trainer(lm, strategy, xla=xla)
+    rng = np.random.default_rng(0)
+    best = float("inf")
+    for step in range(steps + 2):
+        tokens = rng.integers(0, hp.n_vocab, (batch, min(length, hp.n_ctx))).astype(np.int32)
+        start = time.perf_counter()
+        t.train_step([tokens], step)
+        if step >= 2:
+            best = min(best, time.perf_counter() - start)
+    return tokens.size / best, lm
+
+
+def hf_train_rate(lm, batch, length, steps):
+    """Hugging Face transformers (PyTorch, CPU) fine-tuning tokens/s on the same weights, with Adam."""
+    import torch
+
+    import hf_compat
+
+    hf = hf_compat.to_hf(lm)
+    hf.train()
+    optimizer = torch.optim.Adam(hf.parameters(), lr=2e-5)
+    generator = torch.Generator().manual_seed(0)
+    best = float("inf")
+    for step in range(steps + 2):
+        ids = torch.randint(0, lm.hparams.n_vocab, (batch, min(length, lm.hparams.n_ctx)), generator=generator)
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        hf(ids, labels=ids).loss.backward()
+        optimizer.step()
+        if step >= 2:
+            best = min(best, time.perf_counter() - start)
+    return ids.numel() / best
+
+
+def _hf_installed():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf):
+    import model as model_lib
+    import sample
+
+    results = {}
+    start = time.perf_counter()
+    lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
+    results["load_seconds"] = time.perf_counter() - start
+    sampler = sample.Sampler(lm)
+    start = time.perf_counter()
+    _timed_generate(sampler, [[1, 2, 3]], 8)
+    results["first_call_seconds"] = time.perf_counter() - start
+    for batch in (1, batch_size):
+        rate, first = decode_rate(sampler, batch, prompt_length, length)
+        results[f"decode_tok_s_batch{batch}"] = rate
+        results[f"first_token_ms_batch{batch}"] = first * 1000
+    results["prefill_tok_s_512"] = prefill_rate(sampler, min(512, lm.hparams.n_ctx - 1))
+    far = min(900, lm.hparams.n_ctx - 32)
+    near = min(100, far // 2)
+    for position in (near, far):
+        results[f"decode_tok_s_at_position_{position}"] = decode_rate(sampler, 1, position, 32)[0]
+    # Alternated, best of three each, so drift on a shared machine hits both alike.
+    streamed, whole = 0.0, 0.0
+    for _ in range(3):
+        streamed = max(streamed, decode_rate(sampler, 1, prompt_length, length, repeats=1)[0])
+        whole = max(whole, decode_rate(sampler, 1, prompt_length, length, repeats=1, max_chunk=length)[0])
+    results["streaming_cost_percent"] = 100 * (1 - streamed / whole)
+    results["retraces"] = sum(f.experimental_get_tracing_count() - 1 for f in
+                              (sampler._prefill, sampler._run_chunk, sampler._sample_last))
+    if not hf:
+        return results
+    if not _hf_installed():
+        results["hf"] = "not installed"
+        return results
+    for batch, rate in hf_rates(lm, (1, batch_size), prompt_length, length).items():
+        results[f"hf_decode_tok_s_batch{batch}"] = rate
+    return results
+
+
 def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8, prompt_length=32,
-              length=128, dtype="float32", hf=True, json=False, keep_grappler=False):
+              length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
+              train=True, train_batch=1, train_length=256, train_steps=4):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -85,7 +180,13 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         dtype: float32 or bfloat16.
         hf: Add a Hugging Face transformers row when transformers and torch are installed.
         json: Print one JSON object instead of a table.
-        keep_grappler: Keep TensorFlow's Grappler graph rewrites on (the scripts turn them off).
+        keep_grappler: Keep TensorFlow's Grappler graph rewrites on for generation (the
+            sampling scripts turn them off; training always keeps them).
+        generate: Measure generation (--generate False measures training alone, for its memory).
+        train: Measure fine-tuning speed (Adam, float32) and memory, after generation.
+        train_batch: Windows per training step.
+        train_length: Tokens per training window.
+        train_steps: Timed training steps (after two warm-up steps).
     """
     if not keep_grappler:
         cli.fast_start()
@@ -93,8 +194,6 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
 
     import checkpoint
     import hparams as hparams_lib
-    import model as model_lib
-    import sample
 
     temporary = None
     if random is not None:
@@ -107,40 +206,17 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
                    "tensorflow": tf.__version__, "model": model_name, "dtype": dtype,
                    "prompt_length": prompt_length, "new_tokens": length}
-        start = time.perf_counter()
-        lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
-        results["load_seconds"] = time.perf_counter() - start
-        sampler = sample.Sampler(lm)
-        start = time.perf_counter()
-        _timed_generate(sampler, [[1, 2, 3]], 8)
-        results["first_call_seconds"] = time.perf_counter() - start
-        for batch in (1, batch_size):
-            rate, first = decode_rate(sampler, batch, prompt_length, length)
-            results[f"decode_tok_s_batch{batch}"] = rate
-            results[f"first_token_ms_batch{batch}"] = first * 1000
-        results["prefill_tok_s_512"] = prefill_rate(sampler, min(512, lm.hparams.n_ctx - 1))
-        far = min(900, lm.hparams.n_ctx - 32)
-        near = min(100, far // 2)
-        for position in (near, far):
-            results[f"decode_tok_s_at_position_{position}"] = decode_rate(sampler, 1, position, 32)[0]
-        # Alternated, best of three each, so drift on a shared machine hits both alike.
-        streamed, whole = 0.0, 0.0
-        for _ in range(3):
-            streamed = max(streamed, decode_rate(sampler, 1, prompt_length, length, repeats=1)[0])
-            whole = max(whole, decode_rate(sampler, 1, prompt_length, length, repeats=1, max_chunk=length)[0])
-        results["streaming_cost_percent"] = 100 * (1 - streamed / whole)
-        results["retraces"] = sum(f.experimental_get_tracing_count() - 1 for f in
-                                  (sampler._prefill, sampler._run_chunk, sampler._sample_last))
-        if hf:
-            try:
-                import torch  # noqa: F401
-                import transformers  # noqa: F401
-            except ImportError:
-                results["hf"] = "not installed"
-            else:
-                for batch, rate in hf_rates(lm, (1, batch_size), prompt_length, length).items():
-                    results[f"hf_decode_tok_s_batch{batch}"] = rate
-        results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if generate:
+            results.update(generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf))
+            results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if train:
+            tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+            results["train_batch"], results["train_length"] = train_batch, train_length
+            path = hparams_lib.model_dir(model_name, models_dir)
+            results["train_tok_s"], trained = train_rate(path, train_batch, train_length, train_steps)
+            results["train_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if hf and _hf_installed():
+                results["hf_train_tok_s"] = hf_train_rate(trained, train_batch, train_length, train_steps)
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -6,7 +6,8 @@ from conftest import run_script
 
 def test_json_report_on_a_model_directory(tiny_models_dir):
     result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--batch_size", 2,
-                        "--prompt_length", 4, "--length", 6, "--hf", "False", "--json")
+                        "--prompt_length", 4, "--length", 6, "--hf", "False", "--json", "--train_length", 16,
+                        "--train_steps", 1)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ["decode_tok_s_batch1", "decode_tok_s_batch2", "first_token_ms_batch1", "prefill_tok_s_512",
@@ -15,6 +16,16 @@ def test_json_report_on_a_model_directory(tiny_models_dir):
     assert report["decode_tok_s_batch1"] > 0 and report["peak_rss_mib"] > 100
     assert report["retraces"] == 0  # new prompt lengths and batch sizes reuse one trace
     assert sum(k.startswith("decode_tok_s_at_position_") for k in report) == 2
+    assert report["train_tok_s"] > 0 and report["train_length"] == 16
+    assert report["train_peak_rss_mib"] >= report["peak_rss_mib"]
+
+
+def test_training_alone(tiny_models_dir):
+    result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--generate", "False",
+                        "--train_batch", 2, "--train_length", 8, "--train_steps", 1, "--hf", "False", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["train_batch"] == 2 and report["train_tok_s"] > 0 and "decode_tok_s_batch1" not in report
 
 
 def test_unknown_random_size_is_a_one_line_error():
