@@ -155,6 +155,68 @@ class Model:
         out = [states[i].numpy()[0] for i in picked]
         return out[0] if layers is None or isinstance(layers, int) else out
 
+    def fine_tune(self, dataset, steps, *, batch_size=1, learning_rate=2e-5, optimizer="adam",
+                  accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
+                  noise=0.0, combine=50000, encoding="utf-8", run_dir=None, save_every=0, seed=None, log=None):
+        """Fine-tunes this model in place (what `generate` and `score` use afterwards) for `steps`
+        updates, with the options of train.py.
+
+        Args:
+            dataset: A path (file, directory, glob, encode.py .npz) or a list of texts, each one
+                document (separated by <|endoftext|>).
+            steps: Updates to make.
+            run_dir: Also save there as train.py does (a model directory; resumable with
+                train.py --restore_from latest); None saves nothing: call `save` when done.
+            save_every: Save to run_dir every this many steps too (0: only at the end).
+            seed: Seeds the data order and noise.
+            log: A file for the `[step | seconds] loss=.. avg=..` lines (default: none).
+
+        Returns:
+            The loss of each step.
+        """
+        import io
+
+        import dataset as dataset_lib
+        import finetune
+        import runs
+        import sample as sample_lib
+        import trainer as trainer_lib
+
+        if self.lm.compute_dtype != tf.float32:
+            raise UserError("fine-tuning needs the float32 model: load it with dtype='float32'")
+        if isinstance(dataset, str):
+            chunks = dataset_lib.load_dataset(self.encoder, dataset, combine, encoding, progress=False)
+        else:
+            documents = [dataset_lib.encode_document(self.encoder, text) for text in dataset if text]
+            if not documents:
+                raise UserError("the dataset holds no text")
+            chunks = [dataset_lib.join_documents(documents, self.eot_token)]
+        seed = sample_lib.new_seed(seed)
+        data = dataset_lib.TokenSampler(chunks, seed=seed)
+        strategy = tf.distribute.get_strategy()
+        trainer = trainer_lib.Trainer(self.lm, strategy, optimizer=optimizer, learning_rate=learning_rate,
+                                      accumulate_gradients=accumulate_gradients,
+                                      memory_saving_gradients=memory_saving_gradients,
+                                      only_train_transformer_layers=only_train_transformer_layers, noise=noise,
+                                      seed=seed)
+        if run_dir is not None:
+            runs.prepare(run_dir, self._vocab_dir(), self.hparams)
+        schedule = finetune.Schedule(batch_size=batch_size, sample_every=0, save_every=save_every,
+                                     max_steps=steps)
+        return finetune.fine_tune(trainer, self.encoder, data, run_dir, schedule, out=log or io.StringIO())
+
+    def save(self, path):
+        """Writes this model as a model directory in the released format (checkpoint, hparams.json,
+        encoder.json, vocab.bpe): load it with `api.load(name, models_dir)` or any script."""
+        import checkpoint
+
+        weights = {name: tf.cast(v, tf.float32).numpy() for name, v in self.lm.weights.items()}
+        return checkpoint.write_model_dir(path, self.hparams, weights, vocab_dir=self._vocab_dir())
+
+    def _vocab_dir(self):
+        """Where this model's encoder.json and vocab.bpe are (every GPT-2 size shares one vocabulary)."""
+        return getattr(self.lm, "path", None) or encoder_lib.default_vocab_dir()
+
     def generate(self, prompts, length=None, **options):
         """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a
         single string prompt)."""

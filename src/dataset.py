@@ -151,7 +151,7 @@ def _check_options(combine, encoding):
                         f"latin-1 or cp1252") from None
 
 
-def _join(documents, eot_token):
+def join_documents(documents, eot_token):
     """One chunk: the documents' tokens with one `eot_token` between each two."""
     separator = np.array([eot_token], np.int32)
     parts = [separator] * (2 * len(documents) - 1)
@@ -197,10 +197,10 @@ def load_dataset(enc, path, combine=50000, encoding="utf-8", progress=True):
             documents.append(encode_document(enc, text))
             chars += len(text)
             if chars >= combine:
-                chunks.append(_join(documents, enc.eot_token))
+                chunks.append(join_documents(documents, enc.eot_token))
                 documents, chars = [], 0
     if documents:
-        chunks.append(_join(documents, enc.eot_token))
+        chunks.append(join_documents(documents, enc.eot_token))
     if not chunks:
         raise UserError(f"the dataset '{path}' holds no text (its files are empty): give files with text")
     return chunks

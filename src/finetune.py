@@ -54,22 +54,22 @@ class _StopOnSigint:
 
 
 def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batches=(), out=sys.stdout):
-    """Trains until `schedule.max_steps` or Ctrl-C, then saves; returns the last step.
+    """Trains until `schedule.max_steps` or Ctrl-C, then saves; returns the losses of the steps run.
 
     Args:
         trainer: A `trainer.Trainer`.
         encoder: The model's encoder, for samples.
         data: A `dataset.TokenSampler` over the training tokens.
-        run_dir: The run directory (prepared by `runs.prepare`), where saves go.
+        run_dir: The run directory (prepared by `runs.prepare`), where saves go; None: no saves.
         schedule: A `Schedule`.
         start_step: Updates already done (when resuming).
         val_batches: Fixed numpy batches [B, T] for validation.
     """
     lm, strategy = trainer.lm, trainer.strategy
     # Under multi-worker training, one worker writes files; the others only compute.
-    writer = strategy.extended.should_checkpoint
+    writer = strategy.extended.should_checkpoint and run_dir is not None
     window = data.window_length(lm.hparams.n_ctx)
-    step, saved = start_step, start_step
+    step, saved, losses = start_step, start_step, []
     average = [0.0, 0.0]  # the fork's decaying loss average: (weighted sum, weight)
     start = time.time()
 
@@ -85,6 +85,7 @@ def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batch
             batches = [data.batch(schedule.batch_size, window) for _ in range(trainer.accumulate)]
             loss = trainer.train_step(batches, step)
             step += 1
+            losses.append(loss)
             average = [average[0] * 0.99 + loss, average[1] * 0.99 + 1]
             print(f"[{step} | {time.time() - start:2.2f}] loss={loss:2.2f} avg={average[0] / average[1]:2.2f}",
                   file=out, flush=True)
@@ -96,7 +97,7 @@ def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batch
             if schedule.sample_every and schedule.sample_num and step % schedule.sample_every == 0 and writer:
                 write_samples(lm, encoder, schedule, step, out)
     save()
-    return step
+    return losses
 
 
 def write_samples(lm, encoder, schedule, step, out=sys.stdout):

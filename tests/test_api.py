@@ -111,3 +111,29 @@ def test_features_are_the_residual_stream(gpt):
     ids = gpt.encode("Feature text")
     expected = wte[ids] + gpt.lm.weights["model/wpe"].numpy()[:len(ids)]
     np.testing.assert_allclose(every[0], expected, atol=1e-6)
+
+
+def test_fine_tune_learns_a_text_in_place_and_save_writes_a_loadable_model(tiny_models_dir, tmp_path):
+    gpt = api.load("tiny", tiny_models_dir)  # its own copy: training changes it
+    text = "Rain falls softly on the quiet hills of the old north country."
+    before = gpt.score(text)["nll"]
+    losses = gpt.fine_tune([text], steps=80, learning_rate=1e-2, seed=0, run_dir=str(tmp_path / "run"))
+    assert len(losses) == 80 and losses[-1] < 0.2 < losses[0]
+    assert gpt.score(text)["nll"] != before  # the model in use is the one trained
+    prompt = "Rain falls softly"
+    assert gpt.generate(prompt, length=12, temperature=0).startswith(text[len(prompt):len(prompt) + 20])
+
+    gpt.save(str(tmp_path / "models" / "learned"))
+    again = api.load("learned", str(tmp_path / "models"))
+    assert again.score(text)["nll"] == pytest.approx(gpt.score(text)["nll"], rel=1e-5)
+    # The run directory is a model directory too, and train.py can resume it.
+    import runs
+    assert runs.latest_step(str(tmp_path / "run")) == 80
+    assert api.load("run", str(tmp_path)).score(text)["nll"] == pytest.approx(gpt.score(text)["nll"], rel=1e-5)
+
+
+def test_fine_tune_needs_float32_and_some_text(tiny_models_dir):
+    with pytest.raises(UserError, match="float32"):
+        api.load("tiny", tiny_models_dir, dtype="bfloat16").fine_tune(["some text"], steps=1)
+    with pytest.raises(UserError, match="no text"):
+        api.load("tiny", tiny_models_dir).fine_tune(["", ""], steps=1)
