@@ -121,7 +121,8 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     trainer.distribute(data.batch(batch_size, 1))  # checks the batch splits evenly across devices
     if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer):
         print(f"Resuming {run_dir} at step {start_step} with its optimizer state", flush=True)
-    runs.prepare(run_dir, source_dir, hp)
+    if strategy.extended.should_checkpoint:  # under multi-worker training, only the chief writes
+        runs.prepare(run_dir, source_dir, hp)
     schedule = finetune.Schedule(
         batch_size=batch_size, sample_every=sample_every, sample_length=sample_length, sample_num=sample_num,
         top_k=top_k, top_p=top_p, save_every=save_every, val_every=val_every, max_steps=max_steps or 0,

@@ -1,4 +1,5 @@
 """train.py end to end on the tiny model: memorising, resuming, Ctrl-C, devices, bad input."""
+import json
 import os
 import re
 import signal
@@ -103,6 +104,45 @@ def test_two_mirrored_devices_match_one_device(tiny_models_dir, tmp_path, corpus
     odd = train(tiny_models_dir, tmp_path / "odd", "--dataset", corpus, "--batch_size", "3", "--strategy", "mirrored",
                 env={"GPT2_CPU_DEVICES": "2"})
     assert odd.returncode == 2 and "multiple of the 2 devices" in odd.stderr
+
+
+def free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_through_tf_config_match_one_device(tiny_models_dir, tmp_path, corpus):
+    options = ["--dataset", corpus, "--batch_size", "2", "--max_steps", "3", "--sample_every", "0",
+               "--learning_rate", "0.001", "--seed", "7"]
+    one = train(tiny_models_dir, tmp_path / "one", *options)
+    options += ["--model_name", "tiny", "--models_dir", tiny_models_dir]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    processes = []
+    for index in range(2):
+        config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        processes.append(subprocess.Popen(
+            [sys.executable, os.path.join(SRC_DIR, "train.py"), *options, "--strategy", "multi_worker",
+             "--checkpoint_dir", str(tmp_path / f"worker{index}")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=config)))
+    outputs = [p.communicate(timeout=240) for p in processes]
+    for p, (_, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stderr
+    expected = losses(one.stdout)
+    assert len(expected) == 3
+    for stdout, _ in outputs:
+        for (step, a), (_, b) in zip(expected, losses(stdout)):
+            assert a == pytest.approx(b, abs=0.011), step
+    # Only the chief (worker 0) writes the run directory.
+    assert (tmp_path / "worker0" / "run1" / "model-3.index").exists()
+    assert not (tmp_path / "worker1").exists()
 
 
 def test_validation_loss_is_reported(tiny_models_dir, tmp_path, corpus):
