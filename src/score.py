@@ -25,12 +25,14 @@ def windows(n_tokens, n_ctx, stride):
     return out
 
 
-def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8):
+def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8, with_hits=False):
     """Log-probability of every token of each text, each given all the context a window allows.
 
     Returns:
         One list of natural-log probabilities per text, one per token (the first token is
-        predicted from <|endoftext|>, as GPT-2 saw document starts in training).
+        predicted from <|endoftext|>, as GPT-2 saw document starts in training). With
+        `with_hits`, also one list of booleans per text: whether each token was the most
+        likely one (what greedy decoding would have picked).
     """
     import numpy as np
     import tensorflow as tf
@@ -43,6 +45,7 @@ def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8):
         for start, end, first in windows(len(tokens), n_ctx, stride):
             jobs.append((i, full[start:end], first - start, full[first:end]))
     results = [[] for _ in token_lists]
+    hits = [[] for _ in token_lists]
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b:b + batch_size]
         width = max(len(w) for _, w, _, _ in batch)
@@ -54,7 +57,9 @@ def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8):
             # The prediction of w[j] comes from position j - 1.
             positions = np.arange(first, len(w)) - 1 + p
             results[i].extend(row[positions, targets].tolist())
-    return results
+            if with_hits:
+                hits[i].extend((row[positions].argmax(-1) == targets).tolist())
+    return (results, hits) if with_hits else results
 
 
 def summarize(text, tokens, logprobs):
