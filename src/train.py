@@ -15,7 +15,7 @@ HELP = dict(
     run_name="Run directory name under checkpoint_dir (and sample_dir).",
     checkpoint_dir="Where run directories go.",
     sample_dir="Where samples-<step> files go, under <sample_dir>/<run_name>.",
-    combine="Join text files, separated by <|endoftext|>, into chunks of at least this many characters.",
+    combine="Join text files, separated by <|endoftext|>, into chunks of at least this many characters (0: one chunk per file).",
     encoding="Text encoding of the dataset files.",
     batch_size="Windows per step (split across devices with --strategy).",
     learning_rate="Optimizer step size.",
@@ -64,7 +64,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         raise UserError("--dataset is required: a text file, directory, glob or .npz from encode.py")
     for name, least in (("batch_size", 1), ("accumulate_gradients", 1), ("sample_every", 0), ("sample_num", 0),
                         ("save_every", 0), ("val_batch_size", 1), ("val_batch_count", 1), ("val_every", 0),
-                        ("max_to_keep", 1), ("combine", 1), ("top_k", 0)):
+                        ("max_to_keep", 1), ("combine", 0), ("top_k", 0)):
         _whole(name, locals()[name], least)
     if max_steps is not None:
         _whole("max_steps", max_steps, 1)
