@@ -15,7 +15,8 @@ HELP = dict(
     run_name="Run directory name under checkpoint_dir (and sample_dir).",
     checkpoint_dir="Where run directories go.",
     sample_dir="Where samples-<step> files go, under <sample_dir>/<run_name>.",
-    combine="Join text files, separated by <|endoftext|>, into chunks of at least this many characters (0: one chunk per file).",
+    combine="Join text files, separated by <|endoftext|>, into chunks of at least this many characters "
+            "(0: one chunk per file).",
     encoding="Text encoding of the dataset files.",
     batch_size="Windows per step (split across devices with --strategy).",
     learning_rate="Optimizer step size.",
