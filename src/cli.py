@@ -45,13 +45,17 @@ class UserError(Exception):
     """Bad input from the user. The message is one line that says what to do."""
 
 
+def check_whole(name, value, least):
+    """A UserError unless flag --`name` is an int (not a bool) of at least `least`; returns it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise UserError(f"--{name} must be a whole number >= {least}, got {value!r}")
+    return value
+
+
 def check_counts(nsamples, batch_size, allow_forever=False):
     """UserErrors for sample counts the scripts cannot honour."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise UserError(f"--batch_size must be a whole number >= 1, got {batch_size!r}")
-    least = 0 if allow_forever else 1
-    if not isinstance(nsamples, int) or isinstance(nsamples, bool) or nsamples < least:
-        raise UserError(f"--nsamples must be a whole number >= {least}, got {nsamples!r}")
+    check_whole("batch_size", batch_size, 1)
+    check_whole("nsamples", nsamples, 0 if allow_forever else 1)
     if nsamples % batch_size:
         raise UserError(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
 

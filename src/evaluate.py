@@ -258,10 +258,6 @@ def table(task, model_name, results):
     return rows
 
 
-def whole_number(value, least):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 @cli.documented(
     "Runs one of the paper's zero-shot evaluations and prints our figures beside the paper's.\n\n"
     "LAMBADA accuracy: the last word counts as predicted when each of its tokens is the most likely "
@@ -280,18 +276,16 @@ def evaluate(task, data=None, model_name="124M", models_dir="models", batch_size
         raise UserError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
     if not data:
         raise UserError(f"--data is required for {task}: get {TASKS[task].source}")
-    if not whole_number(batch_size, 1):
-        raise UserError(f"--batch_size must be a whole number >= 1, got {batch_size!r}")
-    if limit is not None and not whole_number(limit, 1):
-        raise UserError(f"--limit must be a whole number >= 1, got {limit!r}")
+    cli.check_whole("batch_size", batch_size, 1)
+    if limit is not None:
+        cli.check_whole("limit", limit, 1)
     examples = load_examples(task, str(data), limit)
     cli.fast_start()
     import api
+    import score
 
     gpt = api.load(model_name, models_dir)
-    n_ctx = gpt.hparams.n_ctx
-    if stride is not None and not (whole_number(stride, 1) and stride <= n_ctx):
-        raise UserError(f"--stride must be a whole number from 1 to the window size {n_ctx}, got {stride!r}")
+    score.check_stride(stride, gpt.hparams.n_ctx)
     results = measure(gpt, task, examples, batch_size, stride)
     if json:
         print(json_lib.dumps({"task": task, "model": model_name, "data": str(data), **results,

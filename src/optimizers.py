@@ -11,8 +11,6 @@ import tensorflow as tf
 class SGD(tf.Module):
     """Plain gradient descent: var -= learning_rate * grad. Build it in the strategy's scope."""
 
-    slot_names = ()
-
     def __init__(self, variables, learning_rate):
         super().__init__(name="sgd")
         self.learning_rate = float(learning_rate)

@@ -25,6 +25,12 @@ def windows(n_tokens, n_ctx, stride):
     return out
 
 
+def check_stride(stride, n_ctx):
+    """A UserError unless --stride is None (the default) or a whole number from 1 to n_ctx."""
+    if stride is not None and (not isinstance(stride, int) or isinstance(stride, bool) or not 0 < stride <= n_ctx):
+        raise cli.UserError(f"--stride must be a whole number from 1 to the window size {n_ctx}, got {stride!r}")
+
+
 def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8, with_hits=False):
     """Log-probability of every token of each text, each given all the context a window allows.
 
@@ -111,10 +117,8 @@ def score(*files, model_name="124M", models_dir="models", stride=None, batch_siz
     inputs = read_inputs([str(f) for f in files])
     gpt = api.load(model_name, models_dir, dtype=dtype)
     n_ctx = gpt.hparams.n_ctx
-    if stride is not None and (not isinstance(stride, int) or isinstance(stride, bool) or not 0 < stride <= n_ctx):
-        raise cli.UserError(f"--stride must be a whole number from 1 to the window size {n_ctx}, got {stride!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise cli.UserError(f"--batch_size must be a whole number >= 1, got {batch_size!r}")
+    check_stride(stride, n_ctx)
+    cli.check_whole("batch_size", batch_size, 1)
     token_lists = [gpt.encode(text) for _, text in inputs]
     scored = score_tokens(gpt.lm, token_lists, gpt.eot_token, stride=stride, batch_size=batch_size)
     reports = []

@@ -47,12 +47,6 @@ HELP = dict(
 )
 
 
-def _whole(name, value, least):
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        raise UserError(f"--{name} must be a whole number >= {least}, got {value!r}")
-    return value
-
-
 @cli.documented("Fine-tunes a GPT-2 model on your text; Ctrl-C stops it and saves.", **HELP)
 def train(dataset=None, model_name="124M", models_dir="models", run_name="run1", checkpoint_dir="checkpoint",
           sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=2e-5,
@@ -66,9 +60,9 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     for name, least in (("batch_size", 1), ("accumulate_gradients", 1), ("sample_every", 0), ("sample_num", 0),
                         ("save_every", 0), ("val_batch_size", 1), ("val_batch_count", 1), ("val_every", 0),
                         ("max_to_keep", 1), ("combine", 0), ("top_k", 0)):
-        _whole(name, locals()[name], least)
+        cli.check_whole(name, locals()[name], least)
     if max_steps is not None:
-        _whole("max_steps", max_steps, 1)
+        cli.check_whole("max_steps", max_steps, 1)
     if not isinstance(learning_rate, (int, float)) or learning_rate <= 0:
         raise UserError(f"--learning_rate must be a number > 0, got {learning_rate!r}")
     if not isinstance(noise, (int, float)) or not 0 <= noise < 1:
@@ -97,7 +91,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     hp = checkpoint.load_hparams(source_dir)
     if sample_length is None:
         sample_length = min(1023, hp.n_ctx - 1)
-    _whole("sample_length", sample_length, 1)
+    cli.check_whole("sample_length", sample_length, 1)
     if sample_length > hp.n_ctx - 1:
         raise UserError(f"--sample_length ({sample_length}) must be at most n_ctx - 1 ({hp.n_ctx - 1}): "
                         "samples start from one <|endoftext|> token")
