@@ -175,15 +175,8 @@ class GPT2(tf.Module):
         h = self._embed(tokens, positions)
         presents, hidden = [], [h]
         for i in range(hp.n_layer):
-            qkv = self._linear(self._norm(h, f"h{i}/ln_1"), f"h{i}/attn/c_attn")
-            q, k, v = (self._split_heads(x) for x in tf.split(qkv, 3, axis=2))
-            presents.append(tf.stack([k, v], axis=1))  # [B, 2, H, T, D]
-            if past is not None:
-                k = tf.concat([past[:, i, 0], k], axis=-2)
-                v = tf.concat([past[:, i, 1], v], axis=-2)
-            a = self._merge_heads(self._attend(q, k, v, keep))
-            h = h + self._linear(a, f"h{i}/attn/c_proj")
-            h = h + self._mlp(h, i)
+            h, present = self._block(h, i, keep, None if past is None else past[:, i])
+            presents.append(present)
             hidden.append(h)
         h = self._norm(h, "ln_f")
         if return_hidden:
@@ -206,17 +199,26 @@ class GPT2(tf.Module):
         keep = keep_mask(positions, t, tf.zeros([1], tf.int32))  # [1, 1, T, T]
         h = self._embed(tokens, positions[None, :])
         for i in range(self.hparams.n_layer):
-            block = functools.partial(self._block, layer=i, keep=keep)
+            block = functools.partial(self._block_output, layer=i, keep=keep)
             h = tf.recompute_grad(block)(h) if recompute else block(h)
         if skip_last:
             h = h[:, :-1]
         return self._logits(self._norm(h, "ln_f"))
 
-    def _block(self, h, layer, keep):
+    def _block_output(self, h, layer, keep):
+        return self._block(h, layer, keep)[0]
+
+    def _block(self, h, layer, keep, past=None):
+        """One transformer block over h [B, T, d] after `past` [B, 2, H, S, D] keys and values;
+        returns the new h and this block's keys and values [B, 2, H, T, D]."""
         qkv = self._linear(self._norm(h, f"h{layer}/ln_1"), f"h{layer}/attn/c_attn")
         q, k, v = (self._split_heads(x) for x in tf.split(qkv, 3, axis=2))
+        present = tf.stack([k, v], axis=1)
+        if past is not None:
+            k = tf.concat([past[:, 0], k], axis=-2)
+            v = tf.concat([past[:, 1], v], axis=-2)
         h = h + self._linear(self._merge_heads(self._attend(q, k, v, keep)), f"h{layer}/attn/c_proj")
-        return h + self._mlp(h, layer)
+        return h + self._mlp(h, layer), present
 
     # --- cached decoding (the sampler's hot path) ----------------------------------------
 
