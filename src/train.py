@@ -113,7 +113,9 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
                                   memory_saving_gradients=memory_saving_gradients,
                                   only_train_transformer_layers=only_train_transformer_layers, noise=noise, seed=seed,
                                   xla=xla)
-    trainer.distribute(data.batch(batch_size, 1))  # checks the batch splits evenly across devices
+    trainer.check_batch_size(batch_size)
+    if val_batches:
+        trainer.check_batch_size(val_batch_size)
     if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer):
         print(f"Resuming {run_dir} at step {start_step} with its optimizer state", flush=True)
     if strategy.extended.should_checkpoint:  # under multi-worker training, only the chief writes

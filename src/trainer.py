@@ -165,12 +165,16 @@ class Trainer:
 
     # --- public --------------------------------------------------------------------------
 
+    def check_batch_size(self, batch_size):
+        """A UserError unless `batch_size` rows split evenly across the replicas."""
+        replicas = self.strategy.num_replicas_in_sync
+        if batch_size % replicas:
+            raise UserError(f"--batch_size ({batch_size}) must be a multiple of the {replicas} devices in use")
+
     def distribute(self, batch):
         """Splits a numpy batch [B, T] into equal parts, one per replica."""
-        replicas = self.strategy.num_replicas_in_sync
-        if len(batch) % replicas:
-            raise UserError(f"--batch_size ({len(batch)}) must be a multiple of the {replicas} devices in use")
-        part = len(batch) // replicas
+        self.check_batch_size(len(batch))
+        part = len(batch) // self.strategy.num_replicas_in_sync
         return self.strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant(batch[ctx.replica_id_in_sync_group * part:][:part], tf.int32))
 
