@@ -90,12 +90,10 @@ class Encoder:
 
     def __init__(self, encoder, bpe_merges, errors="replace", *, cache_size=DEFAULT_CACHE_SIZE):
         self.encoder = encoder
-        self.decoder = {i: t for t, i in encoder.items()}
         self.errors = errors
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        # A later duplicate of a pair wins, as in the released encoder's dict(zip(...)).
-        self.bpe_ranks = {tuple(pair): rank for rank, pair in enumerate(bpe_merges)}
+        self._bpe_merges = bpe_merges
         self.n_vocab = len(encoder)
         if END_OF_TEXT in encoder:
             self.eot_token = encoder[END_OF_TEXT]
@@ -104,6 +102,21 @@ class Encoder:
         self._token_bytes = {i: t.translate(from_alphabet).encode("latin-1") for t, i in encoder.items()}
         # Keyed by the raw word so a repeated word skips UTF-8 encoding and the alphabet too.
         self._word_ids = functools.lru_cache(maxsize=cache_size)(self._uncached_word_ids)
+
+    # Built on first use: a process that only decodes (unconditional sampling) never needs the
+    # ~10 MB of merge pairs, and holding them lazily kept the sampling scripts' peak memory down.
+    @functools.cached_property
+    def bpe_ranks(self):
+        """Merge pair -> rank, lower merges first."""
+        # A later duplicate of a pair wins, as in the released encoder's dict(zip(...)).
+        ranks = {tuple(pair): rank for rank, pair in enumerate(self._bpe_merges)}
+        self._bpe_merges = None
+        return ranks
+
+    @functools.cached_property
+    def decoder(self):
+        """Id -> token string, the released encoder's inverse table."""
+        return {i: t for t, i in self.encoder.items()}
 
     @classmethod
     def from_files(cls, encoder_json_path, vocab_bpe_path, *, hint="download the model again with download_model.py",
@@ -131,14 +144,14 @@ class Encoder:
             with open(encoder_json_path, encoding="utf-8") as f:
                 encoder = json.load(f)
             with open(vocab_bpe_path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
+                merges_text = f.read()
         except FileNotFoundError as e:
             raise UserError(f"{e.filename} is missing: {hint}") from None
         except (OSError, UnicodeDecodeError, ValueError) as e:
             # ValueError covers bad JSON, e.g. an HTML error page saved by an interrupted download.
             raise UserError(f"cannot read the vocabulary {encoder_json_path} / {vocab_bpe_path} ({e}): {hint}") from None
-        # The first line is the "#version" header; blank lines (the final newline) hold no merge.
-        merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
+        # Blank lines (the final newline) hold no merge.
+        merges = _MergeLines(merges_text)
         problem = None
         if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
             problem = f"{encoder_json_path} is not a token -> id table"
@@ -285,6 +298,18 @@ class Encoder:
         'hello world<|endoftext|>'
         """
         return self.decode_bytes(tokens).decode("utf-8", errors=self.errors)
+
+
+class _MergeLines:
+    """The merge pairs of vocab.bpe's text, made one at a time on each pass: the text takes a
+    twentieth of the memory of the pairs as tuples."""
+
+    def __init__(self, text):
+        self._text = text
+
+    def __iter__(self):
+        lines = self._text.split("\n")[1:]  # the first line is the "#version" header
+        return (tuple(line.split()) for line in lines if line.strip())
 
 
 def get_encoder(model_name, models_dir):
