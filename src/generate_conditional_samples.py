@@ -40,7 +40,7 @@ def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M
                  batch_size=1, length=None, temperature=1, top_k=0, top_p=1, models_dir="models",
                  stop_at_eot=False, stop=None, dtype="float32"):
     # Imported here so --help answers without starting TensorFlow.
-    cli.fast_start()
+    cli.fast_start(system_allocator=True)
     import api
     import console
     import sample

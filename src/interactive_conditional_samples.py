@@ -34,7 +34,7 @@ def read_prompt():
 def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1,
                    top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
     # Imported here so --help answers without starting TensorFlow.
-    cli.fast_start()
+    cli.fast_start(system_allocator=True)
     import api
     import console
     import sample
