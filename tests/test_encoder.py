@@ -1,6 +1,7 @@
 """The byte-level BPE encoder, checked against ids from the reference encoder."""
 import doctest
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -195,6 +196,19 @@ def test_lone_surrogate_is_rejected_like_the_reference(enc):
     # Not encodable as UTF-8; the reference raises the same error from str.encode.
     with pytest.raises(UnicodeEncodeError):
         enc.encode("x\ud800")
+
+
+def test_reference_tables_match_the_vocabulary_files():
+    """`decoder` and `bpe_ranks` (built on first use) are the reference's tables, read from the files."""
+    vocab = encoder.default_vocab_dir()
+    enc = encoder.Encoder.from_dir(vocab)
+    with open(os.path.join(vocab, "encoder.json"), encoding="utf-8") as f:
+        token_ids = json.load(f)
+    with open(os.path.join(vocab, "vocab.bpe"), encoding="utf-8") as f:
+        pairs = [tuple(line.split()) for line in f.read().split("\n")[1:] if line.strip()]
+    assert enc.decoder == {i: t for t, i in token_ids.items()}
+    assert enc.bpe_ranks == dict(zip(pairs, range(len(pairs))))
+    assert len(enc.bpe_ranks) == 50000
 
 
 def test_from_files_loads_the_bundled_vocabulary():
