@@ -71,17 +71,42 @@ def sample_logits(logits, temperature, top_k, top_p, seed):
         [batch] int32.
     """
     temperature = tf.convert_to_tensor(temperature, tf.float32)
+    top_k = tf.convert_to_tensor(top_k, tf.int32)
+    vocab = tf.shape(logits)[-1]
 
-    def draw():
+    def draw(x):
+        return tf.cast(tf.random.stateless_categorical(x, 1, seed)[:, 0], tf.int32)
+
+    def draw_filtered():
         x = logits / temperature
         x = top_k_logits(x, top_k)
-        x = top_p_logits(x, top_p, sorted_prefix=top_k)
-        return tf.cast(tf.random.stateless_categorical(x, 1, seed)[:, 0], tf.int32)
+        return draw(top_p_logits(x, top_p, sorted_prefix=top_k))
+
+    def draw_among_top_k():
+        # Only the k best can be drawn, so drawing among them gives the same distribution
+        # without the passes over the whole vocabulary (~3 ms a step at batch 8). Dividing by
+        # the temperature keeps the order, so the k best before it are the k best after it,
+        # unless the division makes the k-th and the next equal: the reference keeps ties, so
+        # that case goes the long way.
+        k = tf.minimum(top_k, vocab)
+        values, indices = tf.math.top_k(logits, k=tf.minimum(k + 1, vocab))
+        values = values / temperature
+        # values[:, -1] is the (k+1)-th best whenever k < vocab.
+        tie = tf.logical_and(k < vocab, tf.reduce_any(tf.equal(values[:, k - 1], values[:, -1])))
+
+        def draw_here():
+            kept = top_p_logits(values[:, :k], top_p, sorted_prefix=k)
+            return tf.gather(indices, draw(kept), batch_dims=1)
+
+        return tf.cond(tie, draw_filtered, draw_here)
+
+    def sample():
+        return tf.cond(top_k > 0, draw_among_top_k, draw_filtered)
 
     def greedy():
         return tf.argmax(logits, axis=-1, output_type=tf.int32)
 
-    return tf.cond(temperature > 0, draw, greedy)
+    return tf.cond(temperature > 0, sample, greedy)
 
 
 def check_knobs(temperature, top_k, top_p):

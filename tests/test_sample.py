@@ -85,6 +85,39 @@ def test_top_k_draws_stay_inside_the_top_k():
     assert set(tokens.tolist()) == {7, 8, 9}
 
 
+def test_top_k_draws_follow_the_tempered_distribution_of_the_k_best():
+    rows = 20000
+    logits = tf.tile(tf.constant([[4.0, 0.0, 3.0, 1.0, 2.0]]), [rows, 1])
+    tokens = sample.sample_logits(logits, 2.0, 3, 1.0, tf.constant([5, 6])).numpy()
+    freq = np.bincount(tokens, minlength=5) / rows
+    expected = np.array([np.exp(2.0), 0, np.exp(1.5), 0, np.exp(1.0)])
+    np.testing.assert_allclose(freq, expected / expected.sum(), atol=0.015)
+
+
+def test_top_k_keeps_every_token_tied_with_the_k_th_as_the_reference_does():
+    rows = 4000
+    logits = tf.tile(tf.constant([[3.0, 1.0, 2.0, 2.0, 0.0]]), [rows, 1])  # 2nd best is a tie
+    tokens = sample.sample_logits(logits, 1.0, 2, 1.0, tf.constant([1, 3])).numpy()
+    assert set(tokens.tolist()) == {0, 2, 3}
+
+
+def test_top_k_larger_than_the_vocabulary_keeps_all():
+    rows = 2000
+    logits = tf.zeros([rows, 4])
+    tokens = sample.sample_logits(logits, 1.0, 50, 1.0, tf.constant([2, 2])).numpy()
+    assert set(tokens.tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7, 0.95])
+def test_top_k_then_top_p_draws_stay_inside_the_reference_nucleus(p):
+    rng = np.random.default_rng(3)
+    row = rng.normal(size=50).astype(np.float32) * 2
+    top10 = np.where(row < np.sort(row)[-10], -1e10, row)
+    allowed = set(np.flatnonzero(reference_top_p(top10, p) > -1e10).tolist())
+    tokens = sample.sample_logits(tf.tile(row[None], [3000, 1]), 1.0, 10, p, tf.constant([9, 9])).numpy()
+    assert set(tokens.tolist()) == allowed
+
+
 def test_same_seed_same_draws_other_seed_other_draws():
     logits = tf.zeros([64, 1000])
     a = sample.sample_logits(logits, 1.0, 0, 1.0, tf.constant([3, 0])).numpy()
