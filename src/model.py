@@ -21,9 +21,9 @@ from hparams import HParams  # noqa: F401  (re-exported: model.HParams is the co
 
 def norm(x, g, b, epsilon=1e-5):
     """LayerNorm over the last axis with the biased variance, as the reference computes it."""
-    u = tf.reduce_mean(x, axis=-1, keepdims=True)
-    s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
-    return (x - u) * tf.math.rsqrt(s + epsilon) * g + b
+    centered = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+    s = tf.reduce_mean(tf.square(centered), axis=-1, keepdims=True)
+    return centered * tf.math.rsqrt(s + epsilon) * g + b
 
 
 def gelu(x):
