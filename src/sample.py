@@ -82,26 +82,23 @@ def sample_logits(logits, temperature, top_k, top_p, seed):
         x = top_k_logits(x, top_k)
         return draw(top_p_logits(x, top_p, sorted_prefix=top_k))
 
-    def draw_among_top_k():
+    def sample():
         # Only the k best can be drawn, so drawing among them gives the same distribution
         # without the passes over the whole vocabulary (~3 ms a step at batch 8). Dividing by
         # the temperature keeps the order, so the k best before it are the k best after it,
         # unless the division makes the k-th and the next equal: the reference keeps ties, so
-        # that case goes the long way.
+        # that case, like top_k 0, takes the filters over the whole vocabulary.
         k = tf.minimum(top_k, vocab)
-        values, indices = tf.math.top_k(logits, k=tf.minimum(k + 1, vocab))
+        values, indices = tf.math.top_k(logits, k=tf.maximum(tf.minimum(k + 1, vocab), 1))
         values = values / temperature
-        # values[:, -1] is the (k+1)-th best whenever k < vocab.
+        # values[:, -1] is the (k+1)-th best whenever 0 < k < vocab.
         tie = tf.logical_and(k < vocab, tf.reduce_any(tf.equal(values[:, k - 1], values[:, -1])))
 
-        def draw_here():
+        def draw_among_top_k():
             kept = top_p_logits(values[:, :k], top_p, sorted_prefix=k)
             return tf.gather(indices, draw(kept), batch_dims=1)
 
-        return tf.cond(tie, draw_filtered, draw_here)
-
-    def sample():
-        return tf.cond(top_k > 0, draw_among_top_k, draw_filtered)
+        return tf.cond(tf.logical_and(k > 0, tf.logical_not(tie)), draw_among_top_k, draw_filtered)
 
     def greedy():
         return tf.argmax(logits, axis=-1, output_type=tf.int32)
