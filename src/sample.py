@@ -89,16 +89,24 @@ def sample_logits(logits, temperature, top_k, top_p, seed):
         # unless the division makes the k-th and the next equal: the reference keeps ties, so
         # that case, like top_k 0, takes the filters over the whole vocabulary.
         k = tf.minimum(top_k, vocab)
-        values, indices = tf.math.top_k(logits, k=tf.maximum(tf.minimum(k + 1, vocab), 1))
-        values = values / temperature
-        # values[:, -1] is the (k+1)-th best whenever 0 < k < vocab.
-        tie = tf.logical_and(k < vocab, tf.reduce_any(tf.equal(values[:, k - 1], values[:, -1])))
 
-        def draw_among_top_k():
-            kept = top_p_logits(values[:, :k], top_p, sorted_prefix=k)
-            return tf.gather(indices, draw(kept), batch_dims=1)
+        def k_best():
+            values, indices = tf.math.top_k(logits, k=tf.minimum(k + 1, vocab))
+            values = values / temperature
+            # values[:, -1] is the (k+1)-th best whenever k < vocab.
+            tie = tf.logical_and(k < vocab, tf.reduce_any(tf.equal(values[:, k - 1], values[:, -1])))
+            return tf.logical_not(tie), values[:, :k], indices[:, :k]
 
-        return tf.cond(tf.logical_and(k > 0, tf.logical_not(tie)), draw_among_top_k, draw_filtered)
+        def none():
+            rows = tf.shape(logits)[0]
+            return tf.constant(False), tf.zeros([rows, 0]), tf.zeros([rows, 0], tf.int32)
+
+        exact, values, indices = tf.cond(k > 0, k_best, none)
+
+        def draw_among_k_best():
+            return tf.gather(indices, draw(top_p_logits(values, top_p, sorted_prefix=k)), batch_dims=1)
+
+        return tf.cond(exact, draw_among_k_best, draw_filtered)
 
     def greedy():
         return tf.argmax(logits, axis=-1, output_type=tf.int32)
