@@ -5,6 +5,8 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -164,9 +166,56 @@ def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length,
     return results
 
 
+# Runs a script and, as it exits, writes its VmHWM (peak RSS) to a file. The child's own rusage
+# is no use: a child forked from this process inherits its peak RSS across exec on Linux.
+_PEAK_REPORTER = """
+import atexit, os, runpy, sys
+report, script = sys.argv[1], sys.argv[2]
+def write_peak():
+    try:
+        with open("/proc/self/status") as status:
+            peak = next((line.split()[1] for line in status if line.startswith("VmHWM")), "")
+    except OSError:
+        return  # not Linux: no figure
+    with open(report, "w") as out:
+        out.write(peak)
+atexit.register(write_peak)
+sys.argv = sys.argv[2:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def script_figures(model_name, models_dir, dtype, n_ctx):
+    """Wall seconds and peak RSS (Linux) of generate_unconditional_samples.py runs, each a fresh
+    process as a user starts it: `--length 8` (start-up) and `--length 264` (memory while generating)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate_unconditional_samples.py")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="gpt2-bench-") as scratch:
+        report = os.path.join(scratch, "peak")
+        for length in (8, min(264, n_ctx)):
+            start = time.perf_counter()
+            child = subprocess.run([sys.executable, "-c", _PEAK_REPORTER, report, script, "--model_name", model_name,
+                                    "--models_dir", models_dir, "--nsamples", "1", "--length", str(length),
+                                    "--dtype", dtype, "--seed", "1"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            seconds = time.perf_counter() - start
+            if child.returncode != 0:
+                last = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+                raise cli.UserError(f"generate_unconditional_samples.py failed: {last}")
+            results[f"script_seconds_length{length}"] = seconds
+            if os.path.exists(report):
+                with open(report) as f:
+                    peak_kib = f.read().strip()
+                os.remove(report)
+                if peak_kib:
+                    results[f"script_peak_rss_mib_length{length}"] = int(peak_kib) / 1024
+    return results
+
+
 def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8, prompt_length=32,
               length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
-              train=True, train_batch=1, train_length=256, train_steps=4):
+              script=True, train=True, train_batch=1, train_length=256, train_steps=4):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -183,6 +232,8 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         keep_grappler: Keep TensorFlow's Grappler graph rewrites on for generation (the
             sampling scripts turn them off; training always keeps them).
         generate: Measure generation (--generate False measures training alone, for its memory).
+        script: Also time generate_unconditional_samples.py (--length 8 and 264) as fresh processes,
+            with their peak RSS.
         train: Measure fine-tuning speed (Adam, float32) and memory, after generation.
         train_batch: Windows per training step.
         train_length: Tokens per training window.
@@ -209,6 +260,9 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         if generate:
             results.update(generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf))
             results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if generate and script:
+            n_ctx = checkpoint.load_hparams(hparams_lib.model_dir(model_name, models_dir)).n_ctx
+            results.update(script_figures(model_name, models_dir, dtype, n_ctx))
         if train:
             tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
             results["train_batch"], results["train_length"] = train_batch, train_length

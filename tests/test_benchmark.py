@@ -18,6 +18,11 @@ def test_json_report_on_a_model_directory(tiny_models_dir):
     assert sum(k.startswith("decode_tok_s_at_position_") for k in report) == 2
     assert report["train_tok_s"] > 0 and report["train_length"] == 16
     assert report["train_peak_rss_mib"] >= report["peak_rss_mib"]
+    # The script runs as a user starts it; its length is capped by the tiny model's 64-token window.
+    for key in ["script_seconds_length8", "script_seconds_length64"]:
+        assert report[key] > 0.5, key
+    for key in ["script_peak_rss_mib_length8", "script_peak_rss_mib_length64"]:
+        assert 100 < report[key] < report["peak_rss_mib"] + 1000, key
 
 
 def test_training_alone(tiny_models_dir):
@@ -26,6 +31,7 @@ def test_training_alone(tiny_models_dir):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["train_batch"] == 2 and report["train_tok_s"] > 0 and "decode_tok_s_batch1" not in report
+    assert not any(key.startswith("script_") for key in report)
 
 
 def test_unknown_random_size_is_a_one_line_error():
