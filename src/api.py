@@ -210,7 +210,7 @@ class Model:
         encoder.json, vocab.bpe): load it with `api.load(name, models_dir)` or any script."""
         import checkpoint
 
-        weights = {name: tf.cast(v, tf.float32).numpy() for name, v in self.lm.weights.items()}
+        weights = {name: tf.cast(w, tf.float32).numpy() for name, w in self.lm.checkpoint_weights().items()}
         return checkpoint.write_model_dir(path, self.hparams, weights, vocab_dir=self._vocab_dir())
 
     def _vocab_dir(self):

@@ -4,6 +4,7 @@ A model directory holds `checkpoint`, `model.ckpt.{index,data-00000-of-00001,met
 `hparams.json`, `encoder.json` and `vocab.bpe`. Variables keep their TF1 names
 (`model/h0/attn/c_attn/w`, ...), so loading is a name lookup and TF1 code reads ours.
 """
+import collections.abc
 import os
 import shutil
 import tempfile
@@ -59,33 +60,54 @@ def compare_shapes(expected, found):
     return "; ".join(problems) or None
 
 
+class CheckpointWeights(collections.abc.Mapping):
+    """A checkpoint's variables as a read-only mapping, checked against `hparams` when opened and
+    read one at a time on lookup: a model built from it never holds two copies of its weights.
+
+    `shapes` maps every name to its shape without reading anything.
+    """
+
+    def __init__(self, model_dir, hparams, dtype=tf.float32, prefix=None):
+        self.prefix = prefix or checkpoint_prefix(model_dir)
+        self.dtype = tf.as_dtype(dtype)
+        try:
+            found = tf.train.load_checkpoint(self.prefix).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError) as e:
+            raise UserError(f"checkpoint {self.prefix} is unreadable ({_first_line(e)}): {_REDOWNLOAD}") from None
+        self.shapes = variable_shapes(hparams)
+        problem = compare_shapes(self.shapes, found)
+        if problem:
+            raise UserError(f"checkpoint {self.prefix} does not match hparams.json: {problem}")
+
+    def __getitem__(self, name):
+        if name not in self.shapes:
+            raise KeyError(name)
+        try:
+            # RestoreV2 yields a TF tensor directly: no second host copy through numpy.
+            tensor = tf.raw_ops.RestoreV2(prefix=self.prefix, tensor_names=[name], shape_and_slices=[""],
+                                          dtypes=[tf.float32])[0]
+        except tf.errors.OpError as e:
+            raise UserError(f"checkpoint {self.prefix} is corrupt or truncated ({_first_line(e)}): "
+                            f"{_REDOWNLOAD}") from None
+        return tf.cast(tensor, self.dtype) if self.dtype != tf.float32 else tensor
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
+_REDOWNLOAD = "download the model again with download_model.py"
+
+
 def read_weights(model_dir, hparams, dtype=tf.float32, prefix=None):
     """Reads every variable of the checkpoint in `model_dir` (or at `prefix`), checked against `hparams`.
 
     Returns:
         A dict from checkpoint name to a tensor of `dtype`.
     """
-    prefix = prefix or checkpoint_prefix(model_dir)
-    hint = "download the model again with download_model.py"
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-        found = reader.get_variable_to_shape_map()
-    except (tf.errors.OpError, ValueError) as e:
-        raise UserError(f"checkpoint {prefix} is unreadable ({_first_line(e)}): {hint}") from None
-    expected = variable_shapes(hparams)
-    problem = compare_shapes(expected, found)
-    if problem:
-        raise UserError(f"checkpoint {prefix} does not match hparams.json: {problem}")
-    weights = {}
-    for name in expected:
-        try:
-            # RestoreV2 yields a TF tensor directly: no second host copy through numpy.
-            tensor = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
-                                          dtypes=[tf.float32])[0]
-        except tf.errors.OpError as e:
-            raise UserError(f"checkpoint {prefix} is corrupt or truncated ({_first_line(e)}): {hint}") from None
-        weights[name] = tf.cast(tensor, dtype) if dtype != tf.float32 else tensor
-    return weights
+    return dict(CheckpointWeights(model_dir, hparams, dtype, prefix))
 
 
 def _first_line(error):

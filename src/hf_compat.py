@@ -31,8 +31,8 @@ def to_hf(lm):
         attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(config).eval()
     state = {}
-    for name, variable in lm.weights.items():
-        value = np.asarray(variable.numpy(), dtype=np.float32)
+    for name, weight in lm.checkpoint_weights().items():
+        value = np.asarray(weight.numpy(), dtype=np.float32)
         if name.endswith("/w"):
             value = value[0]
         state[hf_name(name)] = torch.from_numpy(value)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from cli import UserError
 from encoder import VOCAB_FILES
+from model import to_checkpoint_layout, to_model_layout
 
 STEP_PREFIX = re.compile(r"^model-(\d+)$")
 
@@ -83,9 +84,9 @@ def save(run_dir, step, lm, optimizer=None, max_to_keep=5):
     """Saves the model (and optimizer) as step `step`; keeps the newest `max_to_keep` saves of
     the model and only the newest optimizer state."""
     previous = [s for s in saved_steps(run_dir) if s != step]
-    _save_bundle(os.path.join(run_dir, f"model-{step}"), {n: v.read_value() for n, v in lm.weights.items()})
+    _save_bundle(os.path.join(run_dir, f"model-{step}"), lm.checkpoint_weights())
     if optimizer is not None:
-        state = {n: v.read_value() for n, v in optimizer.slots.items()}
+        state = {n: to_checkpoint_layout(_slot_owner(n), v.read_value()) for n, v in optimizer.slots.items()}
         state["global_step"] = optimizer.iterations.read_value()
         _save_bundle(os.path.join(run_dir, f"optimizer-{step}"), state)
     kept = (previous + [step])[-max(1, max_to_keep):]
@@ -105,6 +106,12 @@ def _remove_bundle(prefix):
             os.unlink(os.path.join(directory, name))
 
 
+def _slot_owner(slot_name):
+    """The variable an optimizer slot belongs to: slots are named `<variable>/<slot>` and shaped
+    like their variable, so they are saved in the checkpoint's layout as it is."""
+    return slot_name.rsplit("/", 1)[0]
+
+
 def restore_optimizer(run_dir, step, optimizer):
     """Loads the optimizer state saved with step `step`; False when there is none (a fresh
     optimizer then starts from zero moments)."""
@@ -116,7 +123,7 @@ def restore_optimizer(run_dir, step, optimizer):
     if set(optimizer.slots) - set(found):
         return False  # saved by another optimizer or with other trainable variables
     for name, variable in optimizer.slots.items():
-        variable.assign(reader.get_tensor(name))
+        variable.assign(to_model_layout(_slot_owner(name), reader.get_tensor(name)))
     optimizer.iterations.assign(int(reader.get_tensor("global_step")))
     return True
 

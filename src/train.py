@@ -107,7 +107,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         val_data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, val_dataset, combine, encoding), seed=1)
         val_batches = finetune.validation_batches(val_data, val_batch_size, val_batch_count, hp.n_ctx)
 
-    lm = trainer_lib.build_model(hp, checkpoint.read_weights(source_dir, hp, prefix=prefix), strategy, precision)
+    lm = trainer_lib.build_model(hp, checkpoint.CheckpointWeights(source_dir, hp, prefix=prefix), strategy, precision)
     trainer = trainer_lib.Trainer(lm, strategy, optimizer=optimizer, learning_rate=learning_rate,
                                   accumulate_gradients=accumulate_gradients,
                                   memory_saving_gradients=memory_saving_gradients,

@@ -65,10 +65,29 @@ def test_cached_decoding_matches_the_reference_code(ref_lm, ref_golden):
         np.testing.assert_allclose(logits.numpy()[:, cols], expected[:, pos], atol=1e-4)
 
 
-def test_variables_have_the_checkpoint_names_and_shapes(tiny_lm):
+def test_variables_have_the_checkpoint_names_and_dense_weights_are_held_transposed(tiny_lm):
     expected = checkpoint.variable_shapes(tiny_lm.hparams)
     found = {v.name[:-2]: v.shape.as_list() for v in tiny_lm.trainable_variables}
-    assert found == expected
+    assert set(found) == set(expected)
+    for name, shape in expected.items():
+        assert found[name] == ([shape[2], shape[1]] if name.endswith("/w") else shape), name
+
+
+def test_checkpoint_weights_give_back_the_released_layout_exactly(tiny_lm, tiny_models_dir):
+    released = checkpoint.read_weights(os.path.join(tiny_models_dir, "tiny"), tiny_lm.hparams)
+    given = tiny_lm.checkpoint_weights()
+    assert set(given) == set(released)
+    for name, value in released.items():
+        np.testing.assert_array_equal(given[name].numpy(), value.numpy(), err_msg=name)
+
+
+def test_a_dense_layer_multiplies_by_the_checkpoint_matrix(tiny_lm, tiny_models_dir):
+    # The layout must not change the arithmetic: x @ w[0] + b with the checkpoint's [1, in, out] w.
+    released = checkpoint.read_weights(os.path.join(tiny_models_dir, "tiny"), tiny_lm.hparams)
+    x = np.random.default_rng(0).standard_normal([3, tiny_lm.hparams.n_embd]).astype(np.float32)
+    want = x @ released["model/h0/mlp/c_fc/w"].numpy()[0] + released["model/h0/mlp/c_fc/b"].numpy()
+    got = tiny_lm._linear(tf.constant(x), "h0/mlp/c_fc").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_output_shapes_match_the_reference_api(tiny_lm):

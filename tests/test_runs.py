@@ -84,6 +84,11 @@ def test_optimizer_state_round_trips(setup):
     assert int(other.optimizer.iterations.numpy()) == 2
     for name, slot in t.optimizer.slots.items():
         np.testing.assert_array_equal(other.optimizer.slots[name].numpy(), slot.numpy())
+    # Saved as the fork saved them: each slot in its variable's checkpoint shape.
+    saved = tf.train.load_checkpoint(os.path.join(run_dir, "optimizer-2")).get_variable_to_shape_map()
+    shapes = checkpoint.variable_shapes(HP)
+    assert saved["model/h0/mlp/c_fc/w/Adam"] == shapes["model/h0/mlp/c_fc/w"]
+    assert saved["model/wte/Adam_1"] == shapes["model/wte"]
     sgd = trainer.Trainer(trainer.build_model(HP, checkpoint.random_weights(HP), strategy), strategy, optimizer="sgd")
     assert runs.restore_optimizer(run_dir, 2, sgd.optimizer)  # no slots to restore: only the step count
     assert not runs.restore_optimizer(run_dir, 3, other.optimizer)

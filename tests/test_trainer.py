@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import checkpoint
 import trainer
+from model import to_checkpoint_layout
 from conftest import TINY_HPARAMS
 from hparams import HParams
 
@@ -31,16 +32,16 @@ def fresh_trainer(weights, **options):
 
 
 def gradients(weights, batch):
-    """Loss and gradients of the loss by a separate model, as numpy."""
+    """Loss and gradients of the loss by a separate model, as numpy in the checkpoint's layout."""
     lm = trainer.build_model(HP, weights, tf.distribute.get_strategy())
     with tf.GradientTape() as tape:
         loss = trainer.loss_of(lm, tf.constant(batch))
     grads = tape.gradient(loss, list(lm.weights.values()))
-    return float(loss), {n: tf.convert_to_tensor(g).numpy() for n, g in zip(lm.weights, grads)}
+    return float(loss), {n: to_checkpoint_layout(n, tf.convert_to_tensor(g)).numpy() for n, g in zip(lm.weights, grads)}
 
 
 def values(t):
-    return {n: v.numpy() for n, v in t.lm.weights.items()}
+    return {n: w.numpy() for n, w in t.lm.checkpoint_weights().items()}
 
 
 def test_loss_is_the_mean_next_token_cross_entropy(weights, batches):
@@ -74,8 +75,9 @@ def test_adam_matches_numpy_adam_over_two_steps(weights, batches):
     got = values(t)
     assert sum(s.sum() for s in settled.values()) > 0.5 * sum(s.size for s in settled.values())
     for n in expected:
-        np.testing.assert_allclose(t.optimizer.slots[n + "/Adam"].numpy(), m[n], rtol=1e-3, atol=1e-6, err_msg=n)
-        np.testing.assert_allclose(t.optimizer.slots[n + "/Adam_1"].numpy(), v[n], rtol=1e-3, atol=1e-9, err_msg=n)
+        slot = lambda name: to_checkpoint_layout(n, t.optimizer.slots[n + name]).numpy()  # noqa: E731
+        np.testing.assert_allclose(slot("/Adam"), m[n], rtol=1e-3, atol=1e-6, err_msg=n)
+        np.testing.assert_allclose(slot("/Adam_1"), v[n], rtol=1e-3, atol=1e-9, err_msg=n)
         np.testing.assert_allclose(got[n][settled[n]], expected[n][settled[n]], atol=1e-4, err_msg=n)  # 1% of a step
     assert int(t.optimizer.iterations.numpy()) == 2
 
