@@ -61,6 +61,21 @@ def test_reader_returns_the_written_values(tmp_path):
         np.testing.assert_array_equal(read[name].numpy(), weights[name])
 
 
+def test_checkpoint_weights_know_every_shape_and_read_each_tensor_on_lookup(tmp_path, monkeypatch):
+    weights = checkpoint.random_weights(SMALL, seed=5)
+    path = checkpoint.write_model_dir(str(tmp_path / "m"), SMALL, weights)
+    lazy = checkpoint.CheckpointWeights(path, SMALL)
+    reads = []
+    restore = tf.raw_ops.RestoreV2
+    monkeypatch.setattr(tf.raw_ops, "RestoreV2", lambda **kw: reads.append(kw["tensor_names"]) or restore(**kw))
+    assert lazy.shapes == checkpoint.variable_shapes(SMALL) and len(lazy) == len(weights)
+    assert reads == []
+    np.testing.assert_array_equal(lazy["model/h0/mlp/c_fc/w"].numpy(), weights["model/h0/mlp/c_fc/w"])
+    assert reads == [["model/h0/mlp/c_fc/w"]]
+    with pytest.raises(KeyError):
+        lazy["model/h9/mlp/c_fc/w"]
+
+
 def test_rewriting_replaces_the_model(tmp_path):
     path = str(tmp_path / "m")
     checkpoint.write_random_model(path, SMALL, seed=1)
