@@ -65,29 +65,41 @@ def test_cached_decoding_matches_the_reference_code(ref_lm, ref_golden):
         np.testing.assert_allclose(logits.numpy()[:, cols], expected[:, pos], atol=1e-4)
 
 
-def test_variables_have_the_checkpoint_names_and_dense_weights_are_held_transposed(tiny_lm):
-    expected = checkpoint.variable_shapes(tiny_lm.hparams)
-    found = {v.name[:-2]: v.shape.as_list() for v in tiny_lm.trainable_variables}
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_variables_have_the_checkpoint_names_and_16_bit_dense_weights_are_held_transposed(tiny_models_dir, dtype):
+    lm = model.load_model("tiny", tiny_models_dir, dtype=dtype)
+    expected = checkpoint.variable_shapes(lm.hparams)
+    found = {v.name[:-2]: v.shape.as_list() for v in lm.trainable_variables}
     assert set(found) == set(expected)
     for name, shape in expected.items():
-        assert found[name] == ([shape[2], shape[1]] if name.endswith("/w") else shape), name
+        if name.endswith("/w"):
+            shape = [shape[1], shape[2]] if dtype == "float32" else [shape[2], shape[1]]
+        assert found[name] == shape, name
 
 
-def test_checkpoint_weights_give_back_the_released_layout_exactly(tiny_lm, tiny_models_dir):
-    released = checkpoint.read_weights(os.path.join(tiny_models_dir, "tiny"), tiny_lm.hparams)
-    given = tiny_lm.checkpoint_weights()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_checkpoint_weights_give_back_the_released_layout(tiny_models_dir, dtype):
+    lm = model.load_model("tiny", tiny_models_dir, dtype=dtype)
+    released = checkpoint.read_weights(os.path.join(tiny_models_dir, "tiny"), lm.hparams)
+    given = lm.checkpoint_weights()
     assert set(given) == set(released)
     for name, value in released.items():
-        np.testing.assert_array_equal(given[name].numpy(), value.numpy(), err_msg=name)
+        want = value.numpy()
+        if dtype == "bfloat16" and model.is_matrix(name):
+            want = tf.cast(tf.cast(value, tf.bfloat16), tf.float32).numpy()  # exact after one rounding
+        np.testing.assert_array_equal(tf.cast(given[name], tf.float32).numpy(), want, err_msg=name)
 
 
-def test_a_dense_layer_multiplies_by_the_checkpoint_matrix(tiny_lm, tiny_models_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_dense_layer_multiplies_by_the_checkpoint_matrix(tiny_models_dir, dtype):
     # The layout must not change the arithmetic: x @ w[0] + b with the checkpoint's [1, in, out] w.
-    released = checkpoint.read_weights(os.path.join(tiny_models_dir, "tiny"), tiny_lm.hparams)
-    x = np.random.default_rng(0).standard_normal([3, tiny_lm.hparams.n_embd]).astype(np.float32)
+    lm = model.load_model("tiny", tiny_models_dir, dtype=dtype)
+    released = checkpoint.read_weights(os.path.join(tiny_models_dir, "tiny"), lm.hparams)
+    x = np.random.default_rng(0).standard_normal([3, lm.hparams.n_embd]).astype(np.float32)
     want = x @ released["model/h0/mlp/c_fc/w"].numpy()[0] + released["model/h0/mlp/c_fc/b"].numpy()
-    got = tiny_lm._linear(tf.constant(x), "h0/mlp/c_fc").numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = lm._linear(tf.constant(x), "h0/mlp/c_fc").numpy()
+    tolerance = 1e-5 if dtype == "float32" else 0.02 * np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=tolerance)
 
 
 def test_output_shapes_match_the_reference_api(tiny_lm):
@@ -118,6 +130,22 @@ def test_cached_decoding_equals_the_full_pass(tiny_lm):
     for pos in range(5, 12):
         logits, caches = step(tf.constant(x[:, pos]), tf.constant(pos), pad, caches)
         np.testing.assert_allclose(logits, full[:, pos], atol=1e-5)
+
+
+def test_bfloat16_cached_decoding_follows_its_full_pass(tiny_models_dir):
+    # Its own forms of product (x @ w^T, h @ wte^T) round differently from the full pass's,
+    # so the logits agree to bf16 precision, not exactly.
+    lm16 = model.load_model("tiny", tiny_models_dir, dtype="bfloat16")
+    x = tokens(2, 10, seed=5)
+    full = lm16(x)["logits"].numpy()
+    pad = tf.zeros([2], tf.int32)
+    logits, caches = lm16.prefill(tf.constant(x[:, :4]), pad, 10)
+    got = [logits.numpy()]
+    for pos in range(4, 10):
+        logits, caches = lm16.decode_step(tf.constant(x[:, pos]), tf.constant(pos), pad, caches)
+        got.append(logits.numpy())
+    want = full[:, 3:]
+    assert np.abs(np.stack(got, axis=1) - want).max() < 0.02 * (want.max() - want.min())
 
 
 def test_left_padding_does_not_change_a_row(tiny_lm):
