@@ -60,12 +60,6 @@ def check_counts(nsamples, batch_size, allow_forever=False):
         raise UserError(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
 
 
-def fail(message, status=2):
-    """Prints `message` as one line on stderr and exits with `status`."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
 def import_tensorflow():
     """Imports TensorFlow and finds its devices without letting its start-up log lines (CUDA
     probing on machines with no GPU, written before its log level applies) reach the terminal;
@@ -112,15 +106,30 @@ def fast_start(system_allocator=False):
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 
-def run(fn):
-    """Runs `fn` as a fire CLI; a UserError becomes a one-line error and exit status 2."""
+def run(fn, quick_exit=False):
+    """Runs `fn` as a fire CLI; a UserError becomes a one-line error and exit status 2.
+
+    With `quick_exit` the process ends as soon as `fn` does, its output flushed, skipping the
+    interpreter's teardown, in which TensorFlow took ~0.7 s: longer than generating 8 tokens.
+    Only for entry points that leave no file open when `fn` returns.
+    """
     import fire
 
+    status = 0
     try:
         fire.Fire(fn)
     except UserError as e:
-        fail(str(e))
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        status = 2
     except KeyboardInterrupt:
         # Ctrl-C is how users stop a run; it is not an error worth a traceback.
         print(file=sys.stderr)
-        sys.exit(130)
+        status = 130
+    if quick_exit:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                status = status or 1  # the reader went away (a closed pipe): nothing more to tell it
+        os._exit(status)
+    sys.exit(status)

@@ -299,4 +299,4 @@ def evaluate(task, data=None, model_name="124M", models_dir="models", batch_size
 
 
 if __name__ == "__main__":
-    cli.run(evaluate)
+    cli.run(evaluate, quick_exit=True)

@@ -78,4 +78,4 @@ def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M
 
 
 if __name__ == "__main__":
-    cli.run(sample_model)
+    cli.run(sample_model, quick_exit=True)

@@ -40,4 +40,4 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
 
 
 if __name__ == "__main__":
-    cli.run(sample_model)
+    cli.run(sample_model, quick_exit=True)

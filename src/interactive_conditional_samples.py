@@ -73,4 +73,4 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
 
 
 if __name__ == "__main__":
-    cli.run(interact_model)
+    cli.run(interact_model, quick_exit=True)

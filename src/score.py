@@ -137,4 +137,4 @@ def score(*files, model_name="124M", models_dir="models", stride=None, batch_siz
 
 
 if __name__ == "__main__":
-    cli.run(score)
+    cli.run(score, quick_exit=True)

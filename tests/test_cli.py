@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+
+
+def run_entry_point(body, quick_exit):
+    """Runs a tiny fire entry point through cli.run in a fresh process."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {SRC!r})
+        import cli
+
+        def main():
+            {body}
+
+        cli.run(main, quick_exit={quick_exit})
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("quick_exit", [False, True])
+def test_output_written_without_a_flush_still_arrives(quick_exit):
+    done = run_entry_point('print("no newline, no flush", end="")', quick_exit)
+    assert done.returncode == 0
+    assert done.stdout == "no newline, no flush"
+
+
+@pytest.mark.parametrize("quick_exit", [False, True])
+def test_a_user_error_is_one_line_and_status_2(quick_exit):
+    done = run_entry_point('print("partial", end=""); raise cli.UserError("use --length 5 or less")', quick_exit)
+    assert done.returncode == 2
+    assert done.stdout == "partial"
+    assert done.stderr == "error: use --length 5 or less\n"
+
+
+@pytest.mark.parametrize("quick_exit", [False, True])
+def test_ctrl_c_exits_130_without_a_traceback(quick_exit):
+    done = run_entry_point("raise KeyboardInterrupt", quick_exit)
+    assert done.returncode == 130
+    assert "Traceback" not in done.stderr
+
+
+def test_quick_exit_skips_the_interpreters_teardown():
+    done = run_entry_point('import atexit; atexit.register(lambda: print("teardown ran"))', True)
+    assert done.returncode == 0 and "teardown ran" not in done.stdout
+    done = run_entry_point('import atexit; atexit.register(lambda: print("teardown ran"))', False)
+    assert done.returncode == 0 and "teardown ran" in done.stdout
