@@ -32,6 +32,15 @@ def tiny_lm(tiny_models_dir):
     return model.load_model("tiny", tiny_models_dir)
 
 
+def sigint_as_at_a_terminal():
+    """A Popen preexec_fn giving the child Ctrl-C's default action, as at a terminal. A shell
+    without job control starts background jobs (a CI runner's, say) with SIGINT ignored, which a
+    child inherits and rightly keeps; tests that send SIGINT must not depend on how pytest started."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(script, *args, stdin=None, timeout=300, env=None):
     """Runs a script from src/ (or the repo root) as a user would; stdout and stderr come back as text."""
     import subprocess

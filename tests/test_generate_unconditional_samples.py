@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, SRC_DIR, run_script
+from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
 
 SCRIPT = "generate_unconditional_samples.py"
 FLAGS = ["model_name", "seed", "nsamples", "batch_size", "length", "temperature", "top_k", "top_p",
@@ -78,7 +78,8 @@ def test_nsamples_zero_runs_until_ctrl_c(tiny_models_dir):
     process = subprocess.Popen(
         [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir,
          "--nsamples", "0", "--length", "4", "--seed", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        preexec_fn=sigint_as_at_a_terminal)
     seen = ""
     deadline = time.time() + 240
     while headers(seen)[-1:] < [3] and time.time() < deadline:

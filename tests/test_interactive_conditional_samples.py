@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO_ROOT, SRC_DIR, run_script
+from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
 from test_generate_unconditional_samples import FLAGS, headers
 
 SCRIPT = "interactive_conditional_samples.py"
@@ -69,7 +69,8 @@ def test_undecodable_input_is_a_one_line_error(tiny_models_dir):
 def test_ctrl_c_at_the_prompt_exits_zero(tiny_models_dir):
     process = subprocess.Popen(
         [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
+        preexec_fn=sigint_as_at_a_terminal)
     # Wait for the prompt, which is printed without a newline.
     seen = b""
     deadline = time.time() + 240
