@@ -223,3 +223,21 @@ def test_stop_at_eot_inside_the_compiled_loop(stub_sampler):
     stream = stub_sampler.generate([[0]], 15, temperature=0, stop_at_eot=True)
     out = np.concatenate(list(stream), axis=1)
     assert out.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def test_a_tie_with_the_k_th_past_the_fetched_values_keeps_every_tied_token():
+    # More tokens tie with the k-th than the k-best path fetches: the full pass keeps them all.
+    rows = 6000
+    tied = sample.TIE_ROOM + 4
+    row = [5.0] + [2.0] * tied + [0.0, 1.0]
+    tokens = sample.sample_logits(tf.tile(tf.constant([row]), [rows, 1]), 1.0, 2, 1.0, tf.constant([4, 2])).numpy()
+    assert set(tokens.tolist()) == set(range(tied + 1))
+
+
+def test_ties_within_the_fetched_values_keep_the_reference_distribution():
+    rows = 20000
+    row = np.array([3.0, 1.0, 2.0, 2.0, 2.0, 0.5, 0.0, -1.0] + [-2.0] * 20, np.float32)
+    tokens = sample.sample_logits(tf.tile(tf.constant(row[None]), [rows, 1]), 1.0, 2, 1.0, tf.constant([8, 1])).numpy()
+    kept = row >= 2.0  # the 2nd best (2.0) is tied three ways: all three stay, as in the reference
+    expected = np.where(kept, np.exp(row), 0) / np.exp(row[kept]).sum()
+    np.testing.assert_allclose(np.bincount(tokens, minlength=len(row)) / rows, expected, atol=0.015)
