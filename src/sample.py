@@ -34,7 +34,7 @@ def top_k_logits(logits, k):
     return tf.cond(k > 0, keep_top_k, lambda: logits)
 
 
-def top_p_logits(logits, p, sorted_prefix=0):
+def top_p_logits(logits, p):
     """Nucleus filter with the reference's rule: keeps the tokens whose cumulative probability,
     counted from the most likely, is <= p (always at least one); the token that crosses p is
     excluded. Holtzman et al. include it; we keep the reference's behaviour.
@@ -42,16 +42,11 @@ def top_p_logits(logits, p, sorted_prefix=0):
     Args:
         logits: [batch, vocab] float32.
         p: float32 scalar in (0, 1]; 1 turns the filter off.
-        sorted_prefix: int32 scalar; when > 0 only that many largest logits can be kept
-            (top-k ran first), so only they need sorting.
     """
     p = tf.convert_to_tensor(p, tf.float32)
-    sorted_prefix = tf.convert_to_tensor(sorted_prefix, tf.int32)
-    vocab = tf.shape(logits)[-1]
 
     def keep_nucleus():
-        n = tf.where(sorted_prefix > 0, tf.minimum(sorted_prefix, vocab), vocab)
-        sorted_logits = tf.math.top_k(logits, k=n).values  # descending
+        sorted_logits = tf.math.top_k(logits, k=tf.shape(logits)[-1]).values  # descending
         cumulative = tf.cumsum(tf.nn.softmax(sorted_logits, axis=-1), axis=-1)
         count = tf.reduce_sum(tf.cast(cumulative <= p, tf.int32), axis=-1, keepdims=True)
         threshold = tf.gather(sorted_logits, tf.maximum(count - 1, 0), batch_dims=1)  # [batch, 1]
@@ -82,7 +77,9 @@ def sample_logits(logits, temperature, top_k, top_p, seed):
     def draw_filtered():
         x = logits / temperature
         x = top_k_logits(x, top_k)
-        return draw(top_p_logits(x, top_p, sorted_prefix=top_k))
+        # The nucleus is taken over everything top-k kept, ties with the k-th included, as in
+        # the reference; the k-best path below passes only the values it fetched.
+        return draw(top_p_logits(x, top_p))
 
     def sample():
         # Only the k best can be drawn (with any tied with the k-th, which the reference keeps),
@@ -109,8 +106,7 @@ def sample_logits(logits, temperature, top_k, top_p, seed):
         exact, values, indices = tf.cond(k > 0, k_best, none)
 
         def draw_among_k_best():
-            return tf.gather(indices, draw(top_p_logits(values, top_p, sorted_prefix=tf.shape(values)[1])),
-                             batch_dims=1)
+            return tf.gather(indices, draw(top_p_logits(values, top_p)), batch_dims=1)
 
         return tf.cond(exact, draw_among_k_best, draw_filtered)
 

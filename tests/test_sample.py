@@ -55,14 +55,6 @@ def test_top_p_always_keeps_one_and_one_is_off():
     np.testing.assert_array_equal(sample.top_p_logits(logits, 1.0), logits)
 
 
-def test_top_p_after_top_k_sorts_only_the_prefix_with_the_same_result():
-    logits = tf.random.stateless_normal([3, 200], seed=[5, 6]) * 2
-    filtered = sample.top_k_logits(logits, 20)
-    full = sample.top_p_logits(filtered, 0.6).numpy()
-    prefix = sample.top_p_logits(filtered, 0.6, sorted_prefix=20).numpy()
-    np.testing.assert_array_equal(full, prefix)
-
-
 def test_temperature_zero_is_greedy():
     logits = tf.constant([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
     tokens = sample.sample_logits(logits, 0.0, 0, 1.0, tf.constant([1, 2]))
@@ -241,3 +233,13 @@ def test_ties_within_the_fetched_values_keep_the_reference_distribution():
     kept = row >= 2.0  # the 2nd best (2.0) is tied three ways: all three stay, as in the reference
     expected = np.where(kept, np.exp(row), 0) / np.exp(row[kept]).sum()
     np.testing.assert_allclose(np.bincount(tokens, minlength=len(row)) / rows, expected, atol=0.015)
+
+
+def test_top_p_after_a_tie_past_the_fetched_values_counts_every_tied_token():
+    # The reference's nucleus is taken over everything top-k kept, ties included.
+    rows = 4000
+    row = np.array([5.0] + [2.0] * (sample.TIE_ROOM + 4) + [0.0, 1.0], np.float32)
+    kept_by_top_k = np.where(row < np.sort(row)[-2], -1e10, row)
+    allowed = set(np.flatnonzero(reference_top_p(kept_by_top_k, 0.7) > -1e10).tolist())
+    tokens = sample.sample_logits(tf.tile(row[None], [rows, 1]), 1.0, 2, 0.7, tf.constant([3, 5])).numpy()
+    assert set(tokens.tolist()) == allowed
