@@ -72,9 +72,9 @@ def hf_rates(lm, batch_sizes, prompt_length, new_tokens):
     return rates
 
 
-def train_rate(model_dir, batch, length, steps, xla=True):
-    """Fine-tuning tokens/s (Adam, float32) on batches of random windows, the best of `steps`
-    steps after two warm-up steps (the first compiles), and the model trained."""
+def train_rate(model_dir, batch, length, steps, precision="float32", xla=True):
+    """Fine-tuning tokens/s (Adam, in `precision`) on batches of random windows, the best of
+    `steps` steps after two warm-up steps (the first compiles), and the model trained."""
     import numpy as np
     import tensorflow as tf
 
@@ -83,7 +83,7 @@ def train_rate(model_dir, batch, length, steps, xla=True):
 
     hp = checkpoint.load_hparams(model_dir)
     strategy = tf.distribute.get_strategy()
-    lm = trainer.build_model(hp, checkpoint.read_weights(model_dir, hp), strategy)
+    lm = trainer.build_model(hp, checkpoint.read_weights(model_dir, hp), strategy, precision)
     t = trainer.Trainer(lm, strategy, xla=xla)
     rng = np.random.default_rng(0)
     best = float("inf")
@@ -217,7 +217,7 @@ def script_figures(model_name, models_dir, dtype, n_ctx):
 
 def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8, prompt_length=32,
               length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
-              script=True, train=True, train_batch=1, train_length=256, train_steps=4):
+              script=True, train=True, train_batch=1, train_length=256, train_steps=4, train_precision="float32"):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -236,10 +236,11 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         generate: Measure generation (--generate False measures training alone, for its memory).
         script: Also time generate_unconditional_samples.py (--length 8 and 264) as fresh processes,
             with their peak RSS.
-        train: Measure fine-tuning speed (Adam, float32) and memory, after generation.
+        train: Measure fine-tuning speed (Adam) and memory, after generation.
         train_batch: Windows per training step.
         train_length: Tokens per training window.
         train_steps: Timed training steps (after two warm-up steps).
+        train_precision: float32, mixed_bfloat16 or mixed_float16, as train.py's --precision.
     """
     if not keep_grappler:
         cli.fast_start()
@@ -247,7 +248,10 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
 
     import checkpoint
     import hparams as hparams_lib
+    import trainer
 
+    if train:
+        trainer.parse_precision(train_precision, "--train_precision")  # before minutes of generation figures
     temporary = None
     if random is not None:
         if str(random) not in hparams_lib.SIZES:
@@ -268,8 +272,10 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         if train:
             tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
             results["train_batch"], results["train_length"] = train_batch, train_length
+            results["train_precision"] = train_precision
             path = hparams_lib.model_dir(model_name, models_dir)
-            results["train_tok_s"], trained = train_rate(path, train_batch, train_length, train_steps)
+            results["train_tok_s"], trained = train_rate(path, train_batch, train_length, train_steps,
+                                                         train_precision)
             results["train_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if hf and _hf_installed():
                 results["hf_train_tok_s"] = hf_train_rate(trained, train_batch, train_length, train_steps)

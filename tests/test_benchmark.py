@@ -27,11 +27,20 @@ def test_json_report_on_a_model_directory(tiny_models_dir):
 
 def test_training_alone(tiny_models_dir):
     result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--generate", "False",
-                        "--train_batch", 2, "--train_length", 8, "--train_steps", 1, "--hf", "False", "--json")
+                        "--train_batch", 2, "--train_length", 8, "--train_steps", 1, "--hf", "False", "--json",
+                        "--train_precision", "mixed_bfloat16")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["train_batch"] == 2 and report["train_tok_s"] > 0 and "decode_tok_s_batch1" not in report
+    assert report["train_precision"] == "mixed_bfloat16"
     assert not any(key.startswith("script_") for key in report)
+
+
+def test_unknown_training_precision_is_a_one_line_error_before_any_measuring(tiny_models_dir):
+    result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+                        "--train_precision", "float8", "--hf", "False")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--train_precision must be one of" in result.stderr and "decode" not in result.stdout
 
 
 def test_unknown_random_size_is_a_one_line_error():

@@ -147,6 +147,14 @@ def test_mixed_precision_keeps_float32_weights_and_tracks_the_float32_loss(weigh
                                                                         abs=0.05)
 
 
+def test_sixteen_bit_training_on_a_cpu_leaves_the_matrix_products_to_tensorflow(weights):
+    # XLA's CPU backend multiplies bfloat16 matrices at the float32 rate; oneDNN's kernels do not.
+    assert not tf.config.list_logical_devices("GPU")
+    assert fresh_trainer(weights).xla
+    assert not fresh_trainer(weights, precision="mixed_bfloat16").xla
+    assert not fresh_trainer(weights, precision="mixed_float16").xla
+
+
 def test_evaluate_does_not_train(weights, batches):
     t = fresh_trainer(weights)
     first = t.evaluate(batches[0])
