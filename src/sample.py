@@ -172,6 +172,11 @@ class Sampler:
             tf.TensorSpec([None, None], tf.float32), state_spec, scalar(tf.int32),
             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.bool), scalar(tf.int32),
             *knobs, scalar(tf.int32), scalar(tf.bool)])
+        # Batch 1 gets its own trace, where static shapes let the model take its one-row path.
+        self._run_chunk_one = tf.function(self._chunk, autograph=False, input_signature=[
+            tf.TensorSpec([1, None], tf.float32), state_spec, scalar(tf.int32),
+            tf.TensorSpec([1], tf.int32), tf.TensorSpec([1], tf.bool), scalar(tf.int32),
+            *knobs, scalar(tf.int32), scalar(tf.bool)])
         self._sample_last = tf.function(self._last, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool),
             *knobs, scalar(tf.int32), scalar(tf.bool)])
@@ -288,7 +293,8 @@ class TokenStream:
             else:
                 n = min(chunk, self._max_chunk, self._length - 1 - produced)
                 chunk *= 2
-            out, logits, state, done = s._run_chunk(
+            run = s._run_chunk_one if len(self._done) == 1 else s._run_chunk
+            out, logits, state, done = run(
                 logits, state, tf.constant(self._prompt_length + produced), self._pad,
                 tf.constant(self._done), tf.constant(n), *self._knobs, tf.constant(produced),
                 self._stop_at_eot)
