@@ -101,13 +101,18 @@ class Model:
             seed: The same seed gives the same text.
             stop_at_eot: End a row at `<|endoftext|>` (not included in the text).
             stop: A string or list of strings that end a row (not included).
+
+        Bad options raise here, before any text: this is not itself a generator.
         """
         contexts = self._contexts(prompts)
         if length is None:
             length = self.hparams.n_ctx // 2
         tokens = self.sampler.generate(contexts, length, temperature=temperature, top_k=top_k, top_p=top_p,
                                        seed=seed, stop_at_eot=stop_at_eot)
-        rows = [_RowText(self.encoder, stop, stop_at_eot) for _ in contexts]
+        return self._pieces(tokens, [_RowText(self.encoder, stop, stop_at_eot) for _ in contexts])
+
+    @staticmethod
+    def _pieces(tokens, rows):
         for chunk in tokens:
             for r, row in enumerate(rows):
                 piece = row.feed(chunk[r])

@@ -154,8 +154,8 @@ def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length,
         streamed = max(streamed, decode_rate(sampler, 1, prompt_length, length, repeats=1)[0])
         whole = max(whole, decode_rate(sampler, 1, prompt_length, length, repeats=1, max_chunk=length)[0])
     results["streaming_cost_percent"] = 100 * (1 - streamed / whole)
-    results["retraces"] = sum(f.experimental_get_tracing_count() - 1 for f in
-                              (sampler._prefill, sampler._run_chunk, sampler._sample_last))
+    results["retraces"] = sum(max(f.experimental_get_tracing_count() - 1, 0) for f in
+                              (sampler._prefill, sampler._run_chunk, sampler._run_chunk_one, sampler._sample_last))
     if not hf:
         return results
     if not _hf_installed():

@@ -204,8 +204,9 @@ class Sampler:
 
         j, logits, state, done, tokens = tf.while_loop(
             more, body, [tf.constant(0), logits, state, done, tokens])
-        out = tf.transpose(tokens.stack(), [1, 0])  # [B, j]
-        out = tf.reshape(out, [tf.shape(logits)[0], j])  # shape [B, 0] when nothing ran
+        # [j, B]; the caller transposes: oneDNN takes over int32 Transpose only to log an error
+        # line and fall back to Eigen.
+        out = tf.reshape(tokens.stack(), [j, tf.shape(logits)[0]])  # shape [0, B] when nothing ran
         return out, logits, state, done
 
     def _last(self, logits, done, temperature, top_k, top_p, seed, step, stop_at_eot):
@@ -299,7 +300,7 @@ class TokenStream:
                 tf.constant(self._done), tf.constant(n), *self._knobs, tf.constant(produced),
                 self._stop_at_eot)
             self._done |= done.numpy()
-            out = out.numpy()
+            out = out.numpy().T
             produced += out.shape[1]
             if out.shape[1]:
                 yield out

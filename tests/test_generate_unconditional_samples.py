@@ -61,7 +61,9 @@ def test_seed_repeats_the_output(tiny_models_dir):
 ])
 def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
     base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1, "--length", 3]
-    assert_one_line_error(run_script(SCRIPT, *base, *args), pattern)
+    result = run_script(SCRIPT, *base, *args)
+    assert_one_line_error(result, pattern)
+    assert result.stdout == ""  # not even a SAMPLE header before the error
 
 
 def test_corrupt_checkpoint_gets_a_one_line_error(tiny_models_dir, tmp_path):
