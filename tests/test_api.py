@@ -39,6 +39,14 @@ def test_stream_yields_pieces_as_they_are_made(gpt):
     assert "".join(p for _, p in pieces) == gpt.generate("Streaming", length=30, temperature=0)
 
 
+def test_stream_rejects_bad_options_when_called_not_when_first_read(gpt):
+    # Scripts print a header between the call and the first piece; the error must come first.
+    with pytest.raises(UserError, match="window"):
+        gpt.stream("Hi", length=gpt.hparams.n_ctx + 1)
+    with pytest.raises(UserError, match="top_p"):
+        gpt.stream("Hi", length=4, top_p=0)
+
+
 def test_stop_string_cuts_the_text_and_ends_the_row(gpt):
     full = gpt.generate("Once", length=30, temperature=0)
     stop = full[5:9]
