@@ -41,7 +41,7 @@ HELP = dict(
     max_to_keep="Saves of the model kept in the run directory.",
     strategy="default (one device), mirrored (all local GPUs), or multi_worker (machines listed in TF_CONFIG).",
     precision="float32, mixed_bfloat16 or mixed_float16: float32 weights, matrix products in 16 bits (for GPUs, "
-              "and mixed_bfloat16 for CPUs with AVX-512 BF16: ~1.45x float32's speed there).",
+              "and mixed_bfloat16 for CPUs with AVX-512 BF16: ~1.4x float32's speed there).",
     seed="Integer seed for the data order and noise (default: random).",
     xla="Compile the loss and gradients with XLA: faster after ~10 s of compiling (one device, not with "
         "memory_saving_gradients, not for 16-bit precisions on a CPU). --noxla turns it off.",
