@@ -42,7 +42,8 @@ def dense(x, w, b, compute_dtype, transposed):
 # matrix-vector products stream the weights ~1.8x faster than TensorFlow's oneDNN kernels
 # (batch-1 bf16 decoding 72 -> 113 tok/s on a 2-core AVX-512 BF16 EPYC); for float32 they are
 # level, and at 8 rows XLA is 2-4x slower, so other shapes stay on TensorFlow's kernels.
-# Weights come in as arguments, so all layers share one compiled program per piece.
+# Weights come in as arguments, so all layers share one compiled program per piece. The decode
+# step at other shapes runs the same two functions uncompiled.
 def _attention_input(x, ln, attn, compute_dtype, transposed):
     return dense(norm(x, *ln), *attn, compute_dtype, transposed)
 
@@ -363,7 +364,7 @@ class GPT2(tf.Module):
         new_caches = []
         for i in range(hp.n_layer):
             if not one_row:
-                qkv = self._linear(self._norm(x, f"h{i}/ln_1"), f"h{i}/attn/c_attn")  # [B*T, 3d]
+                qkv = _attention_input(x, self._pair(f"h{i}/ln_1"), self._pair(f"h{i}/attn/c_attn"), *kinds)
             # Split along the outer axis, which takes views instead of copies.
             q, kv = tf.split(tf.transpose(tf.reshape(qkv, qkv_shape), to_heads), [1, 2])  # [3, B, H, T, D]
             cache = tf.raw_ops.InplaceUpdate(x=caches[i], i=rows, v=tf.cast(tf.reshape(kv, row_shape), caches[i].dtype))
@@ -372,8 +373,7 @@ class GPT2(tf.Module):
             a = self._attend(tf.squeeze(q, 0), k, v, mask, decoding=True)  # [B, H, T, D]
             a = tf.reshape(tf.transpose(a, from_heads), rows_shape)
             if not one_row:
-                x = x + self._linear(a, f"h{i}/attn/c_proj")
-                x = x + self._mlp(x, i)
+                x = _block_rest(x, a, *self._block_rest_weights(i), *kinds)
             elif i + 1 < hp.n_layer:
                 x, qkv = _row_block_then_next(x, a, self._block_rest_weights(i), self._pair(f"h{i + 1}/ln_1"),
                                               self._pair(f"h{i + 1}/attn/c_attn"), *kinds)
@@ -386,10 +386,11 @@ class GPT2(tf.Module):
     def _read(self, name):
         # XLA-compiled pieces get values read outside them, not the variables: launched with
         # variable handles, bf16 batch 1 measured 84-112 tok/s against 115-119 (four rounds each).
+        # TensorFlow's own kernels read a variable the same way.
         return tf.convert_to_tensor(self._w(name))
 
     def _pair(self, scope):
-        """A norm's (g, b) or a dense layer's (w, b), read for the one-row pieces."""
+        """A norm's (g, b) or a dense layer's (w, b), as the decode step's pieces take them."""
         first = "g" if scope.endswith(("ln_1", "ln_2", "ln_f")) else "w"
         return self._read(f"{scope}/{first}"), self._read(f"{scope}/b")
 
