@@ -1,4 +1,5 @@
 """What every command-line entry point shares: one-line errors instead of tracebacks."""
+import gc
 import inspect
 import os
 import sys
@@ -70,11 +71,20 @@ def _import_tensorflow_without_keras():
     blocked = _KERAS_ON_START not in sys.modules
     if blocked:
         sys.modules[_KERAS_ON_START] = None  # makes that one import raise ImportError
+    # The import leaves ~400,000 objects, which Python's cycle collector would walk again on each
+    # full collection, during the import and while tracing graphs later (0.2 s a walk here). So
+    # collection is off for the import, and what it made is frozen (never walked, never freed):
+    # 1.6 -> 1.3 s for the import, 0.28 -> 0.13 s to trace the sampler's loop, ~1.5 MiB kept.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         import tensorflow
     finally:
+        if collecting:
+            gc.enable()
         if blocked and sys.modules.get(_KERAS_ON_START, 0) is None:
             del sys.modules[_KERAS_ON_START]  # Keras imports as usual from here on
+    gc.freeze()
     return tensorflow
 
 
