@@ -222,12 +222,12 @@ def script_figures(model_name, models_dir, dtype, n_ctx):
         results["script_seconds_length8"] = min(seconds for seconds, _ in start_up)
         results["script_seconds_length8_median"] = sorted(seconds for seconds, _ in start_up)[START_UP_RUNS // 2]
         long_run = min(264, n_ctx)
-        results[f"script_seconds_length{long_run}"], peak = run(long_run)
-        start_up_peaks = [mib for _, mib in start_up if mib is not None]
-        peaks = {8: max(start_up_peaks) if start_up_peaks else None, long_run: peak}
-        for length, mib in peaks.items():
-            if mib is not None:
-                results[f"script_peak_rss_mib_length{length}"] = mib
+        generating = run(long_run)
+        results[f"script_seconds_length{long_run}"] = generating[0]
+        for length, runs in ((8, start_up), (long_run, [generating])):
+            peaks = [mib for _, mib in runs if mib is not None]
+            if peaks:
+                results[f"script_peak_rss_mib_length{length}"] = max(peaks)
     return results
 
 
