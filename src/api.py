@@ -8,14 +8,17 @@
 import codecs
 import os
 
-import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
-import tensorflow as tf
+import numpy as np
 
+import checkpoint
+import decode
 import encoder as encoder_lib
 import hparams as hparams_lib
 import model as model_lib
 import sample as sample_lib
-from cli import UserError
+import score as score_lib
+from errors import UserError
+from runtime import tf
 
 
 def configure_devices():
@@ -47,8 +50,8 @@ def load(model_name="124M", models_dir="models", dtype="float32"):
         A `Model`.
     """
     configure_devices()
-    path = hparams_lib.model_dir(model_name, models_dir)
-    return Model(model_lib.load_model(model_name, models_dir, dtype=dtype), encoder_lib.Encoder.from_dir(path))
+    lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
+    return Model(lm, encoder_lib.Encoder.from_dir(lm.path))
 
 
 class Model:
@@ -63,7 +66,7 @@ class Model:
     @property
     def sampler(self):
         if self._sampler is None:
-            self._sampler = sample_lib.Sampler(self.lm)
+            self._sampler = sample_lib.Sampler(decode.Decoder(self.lm), self.eot_token)
         return self._sampler
 
     @property
@@ -77,12 +80,21 @@ class Model:
         return self.encoder.decode(tokens)
 
     def _contexts(self, prompts):
-        """Prompt strings (or token lists) -> token lists; a single prompt becomes a batch of one."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Prompt strings or token sequences (lists, numpy arrays) -> token lists; a single
+        prompt becomes a batch of one."""
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         contexts = []
         for prompt in prompts:
-            tokens = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if isinstance(prompt, str):
+                tokens = self.encode(prompt)
+            else:
+                tokens = np.asarray(prompt).tolist()
+                if np.ndim(tokens) != 1 or not all(isinstance(t, int) and 0 <= t < self.hparams.n_vocab
+                                                   for t in tokens):
+                    raise UserError(f"a token prompt must be a list of token ids from 0 to {self.hparams.n_vocab - 1}")
             if not tokens:
                 raise UserError("Prompt should not be empty!")
             contexts.append(tokens)
@@ -109,7 +121,7 @@ class Model:
             length = self.hparams.n_ctx // 2
         tokens = self.sampler.generate(contexts, length, temperature=temperature, top_k=top_k, top_p=top_p,
                                        seed=seed, stop_at_eot=stop_at_eot)
-        return self._pieces(tokens, [_RowText(self.encoder, stop, stop_at_eot) for _ in contexts])
+        return self._pieces(tokens, [RowText(self.encoder, stop, stop_at_eot) for _ in contexts])
 
     @staticmethod
     def _pieces(tokens, rows):
@@ -129,8 +141,6 @@ class Model:
         """Scores texts: for each, a dict of tokens, nll (mean nats/token), perplexity,
         bits_per_byte and token_logprobs (natural log, one per token). A single string gives a
         single dict. Texts longer than the window use a sliding window moving by `stride`."""
-        import score as score_lib
-
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if not all(texts):
@@ -181,10 +191,10 @@ class Model:
         """
         import io
 
+        # Only fine-tuning needs these; they stay out of the sampling scripts' start-up.
         import dataset as dataset_lib
         import finetune
         import runs
-        import sample as sample_lib
         import trainer as trainer_lib
 
         if self.lm.compute_dtype != tf.float32:
@@ -213,8 +223,6 @@ class Model:
     def save(self, path):
         """Writes this model as a model directory in the released format (checkpoint, hparams.json,
         encoder.json, vocab.bpe): load it with `api.load(name, models_dir)` or any script."""
-        import checkpoint
-
         weights = {name: tf.cast(w, tf.float32).numpy() for name, w in self.lm.checkpoint_weights().items()}
         return checkpoint.write_model_dir(path, self.hparams, weights, vocab_dir=self._vocab_dir())
 
@@ -232,7 +240,7 @@ class Model:
         return texts[0] if isinstance(prompts, str) else texts
 
 
-class _RowText:
+class RowText:
     """Turns one row's tokens into text as they arrive: whole UTF-8 characters only, cut at the
     first stop string, holding back text that could still become one."""
 

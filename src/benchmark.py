@@ -43,7 +43,7 @@ def prefill_rate(sampler, prompt_length, repeats=2):
     best = float("inf")
     for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
         start = time.perf_counter()
-        logits, _ = sampler._prefill(tokens, pad, tf.constant(prompt_length + 1))
+        logits, _ = sampler.prefill(tokens, pad, tf.constant(prompt_length + 1))
         logits.numpy()
         best = min(best, time.perf_counter() - start)
     return prompt_length / best
@@ -128,14 +128,13 @@ def _hf_installed():
 
 
 def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf):
-    import model as model_lib
-    import sample
+    import api
 
     results = {}
     start = time.perf_counter()
-    lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
+    gpt = api.load(model_name, models_dir, dtype=dtype)
     results["load_seconds"] = time.perf_counter() - start
-    sampler = sample.Sampler(lm)
+    lm, sampler = gpt.lm, gpt.sampler
     start = time.perf_counter()
     _timed_generate(sampler, [[1, 2, 3]], 8)
     results["first_call_seconds"] = time.perf_counter() - start
@@ -154,8 +153,7 @@ def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length,
         streamed = max(streamed, decode_rate(sampler, 1, prompt_length, length, repeats=1)[0])
         whole = max(whole, decode_rate(sampler, 1, prompt_length, length, repeats=1, max_chunk=length)[0])
     results["streaming_cost_percent"] = 100 * (1 - streamed / whole)
-    results["retraces"] = sum(max(f.experimental_get_tracing_count() - 1, 0) for f in
-                              (sampler._prefill, sampler._run_chunk, sampler._run_chunk_one, sampler._sample_last))
+    results["retraces"] = sum(max(count - 1, 0) for count in sampler.traces().values())
     if not hf:
         return results
     if not _hf_installed():

@@ -1,23 +1,70 @@
-"""Reads and writes model directories in the released GPT-2 format.
+"""Reads and writes model directories in the released GPT-2 format, and owns its layout.
 
 A model directory holds `checkpoint`, `model.ckpt.{index,data-00000-of-00001,meta}`,
 `hparams.json`, `encoder.json` and `vocab.bpe`. Variables keep their TF1 names
-(`model/h0/attn/c_attn/w`, ...), so loading is a name lookup and TF1 code reads ours.
+(`model/h0/attn/c_attn/w`, ...), so loading is a name lookup and TF1 code reads ours. This
+module alone knows those names, the dense weights' leading 1, and how a model holds its
+matrices in each dtype; the model sees the typed structures below.
 """
 import collections.abc
 import os
+import re
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
-import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
-import tensorflow as tf
 
-from cli import UserError
 from encoder import DEFAULT_VOCAB_DIR as VOCAB_DIR
 from encoder import VOCAB_FILES
+from errors import UserError
 from hparams import HParams
+from runtime import tf
 
+
+class Norm(NamedTuple):
+    g: tf.Tensor  # [n_embd]
+    b: tf.Tensor  # [n_embd]
+
+
+class Dense(NamedTuple):
+    w: tf.Tensor  # [in, out], or [out, in] for 16-bit products (see `is_transposed`)
+    b: tf.Tensor  # [out]
+
+
+class Block(NamedTuple):
+    ln_1: Norm
+    attn: Dense  # c_attn: n_embd -> 3 * n_embd (queries, keys, values)
+    attn_proj: Dense  # attn/c_proj
+    ln_2: Norm
+    mlp_fc: Dense  # mlp/c_fc: n_embd -> 4 * n_embd
+    mlp_proj: Dense  # mlp/c_proj
+
+
+class Weights(NamedTuple):
+    wte: tf.Tensor  # [n_vocab, n_embd], also the output projection
+    wpe: tf.Tensor  # [n_ctx, n_embd]
+    blocks: tuple  # of Block, one per layer
+    ln_f: Norm
+
+
+# Each Block field's scope under model/h{i}/ in the checkpoint.
+BLOCK_SCOPES = dict(ln_1="ln_1", attn="attn/c_attn", attn_proj="attn/c_proj", ln_2="ln_2",
+                    mlp_fc="mlp/c_fc", mlp_proj="mlp/c_proj")
+
+
+def arrange(variables, n_layer):
+    """The typed `Weights` of a mapping from checkpoint name to value."""
+    def pair(kind, scope):
+        return kind(variables[f"model/{scope}/{kind._fields[0]}"], variables[f"model/{scope}/b"])
+
+    def block(i):
+        kinds = {"ln_1": Norm, "ln_2": Norm}
+        return Block(**{field: pair(kinds.get(field, Dense), f"h{i}/{scope}")
+                        for field, scope in BLOCK_SCOPES.items()})
+
+    return Weights(variables["model/wte"], variables["model/wpe"], tuple(block(i) for i in range(n_layer)),
+                   pair(Norm, "ln_f"))
 
 
 def variable_shapes(hparams):
@@ -38,11 +85,74 @@ def variable_shapes(hparams):
     return shapes
 
 
+def is_matrix(name):
+    """Whether a variable is a matrix the model multiplies by (held in the product's dtype)."""
+    return name.endswith("/w") or name == "model/wte"
+
+
+def is_transposed(dtype):
+    """Whether a model multiplying in `dtype` holds dense weights as [out, in] (x @ w^T, the
+    fastest 16-bit form on oneDNN) rather than the released [in, out] (x @ w, float32's)."""
+    return tf.as_dtype(dtype) != tf.float32
+
+
+def to_model_layout(name, value, dtype=tf.float32):
+    """A variable as the checkpoint holds it -> as a model multiplying in `dtype` holds it:
+    dense weights, [1, in, out] in the checkpoint, become [in, out], or [out, in] for 16 bits."""
+    if not name.endswith("/w"):
+        return value
+    value = tf.squeeze(value, 0)
+    return tf.transpose(value) if is_transposed(dtype) else value
+
+
+def to_checkpoint_layout(name, value, dtype=tf.float32):
+    """The inverse of `to_model_layout`."""
+    if not name.endswith("/w"):
+        return value
+    return (tf.transpose(value) if is_transposed(dtype) else value)[None]
+
+
+def model_values(weights, hparams, compute_dtype, matrix_dtype):
+    """Yields (name, value) for every variable, in the layout a model multiplying in
+    `compute_dtype` holds, matrices stored in `matrix_dtype`; one value at a time, so a
+    `CheckpointWeights` is never read whole.
+
+    Args:
+        weights: Checkpoint name -> tensor or array in the released layout.
+    """
+    found = getattr(weights, "shapes", None) or {n: list(w.shape) for n, w in weights.items()}
+    if problem := compare_shapes(variable_shapes(hparams), found):
+        raise ValueError(f"weights do not match hparams: {problem}")
+    for name in variable_shapes(hparams):
+        value = weights[name]
+        dtype = matrix_dtype if is_matrix(name) else tf.float32
+        if tf.as_dtype(getattr(value, "dtype", tf.float32)) != dtype:
+            value = tf.cast(value, dtype)
+        yield name, to_model_layout(name, value, compute_dtype)
+
+
 def checkpoint_prefix(model_dir):
-    """The checkpoint prefix named by `model_dir/checkpoint`, as TF1's latest_checkpoint finds it."""
-    prefix = tf.train.latest_checkpoint(model_dir)
-    if prefix is None or not os.path.exists(prefix + ".index"):
-        raise UserError(f"no checkpoint in '{model_dir}': download the model again with download_model.py")
+    """The checkpoint prefix that `model_dir/checkpoint` names, inside `model_dir` itself.
+
+    TF1 savers may write an absolute path into `checkpoint`, which tf.train.latest_checkpoint
+    follows: a copied directory would read the original's weights. So only the named file's
+    place inside this directory counts (a directory without `checkpoint` falls back to model.ckpt).
+    """
+    named = "model.ckpt"
+    state_file = os.path.join(model_dir, "checkpoint")
+    if os.path.exists(state_file):
+        try:
+            with open(state_file, encoding="utf-8") as f:
+                found = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', f.read(), re.MULTILINE)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {state_file} ({e}): {_REDOWNLOAD}") from None
+        if not found:
+            raise UserError(f"{state_file} names no checkpoint: {_REDOWNLOAD}")
+        named = found.group(1)
+    inside = os.path.basename(named) if os.path.isabs(named) else os.path.normpath(named)
+    prefix = os.path.join(model_dir, inside)
+    if inside.startswith(os.pardir) or not os.path.exists(prefix + ".index"):
+        raise UserError(f"no checkpoint {inside!r} in '{model_dir}': {_REDOWNLOAD}")
     return prefix
 
 
@@ -112,7 +222,8 @@ def read_weights(model_dir, hparams, dtype=tf.float32, prefix=None):
 
 def _first_line(error):
     message = getattr(error, "message", None) or str(error)
-    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    message = re.sub(r"\{\{[^}]*\}\}", "", message).strip()  # TensorFlow's {{function_node ...}} tags
+    return message.splitlines()[0].strip() if message else type(error).__name__
 
 
 def random_weights(hparams, seed=0, std=0.02):

@@ -42,8 +42,7 @@ def documented(summary, **specific):
     return attach
 
 
-class UserError(Exception):
-    """Bad input from the user. The message is one line that says what to do."""
+from errors import UserError  # noqa: E402  (re-exported: cli.UserError is what the scripts raise)
 
 
 def check_whole(name, value, least):

@@ -14,7 +14,7 @@ import numpy as np
 import regex
 import tqdm
 
-from cli import UserError
+from errors import UserError
 
 # Long documents are encoded this many characters at a time, so a 1 GB file needs little beyond
 # its text and its tokens (4 bytes each), not ~100 bytes of Python objects per token.

@@ -21,7 +21,7 @@ import os
 import regex
 
 import hparams as hparams_lib
-from cli import UserError
+from errors import UserError
 
 DEFAULT_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
 VOCAB_FILES = ("encoder.json", "vocab.bpe")

@@ -52,7 +52,7 @@ def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M
         raise cli.UserError("the prompt is empty: give some text")
     cli.check_counts(nsamples, batch_size if not per_line else 1)
     cli.check_counts(batch_size, batch_size)  # batch_size itself: a whole number >= 1
-    sample.check_knobs(temperature, top_k, top_p)
+    sample.Knobs.check(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2

@@ -19,7 +19,7 @@ def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=
 
     console.use_safe_stdout()
     cli.check_counts(nsamples, batch_size, allow_forever=True)
-    sample.check_knobs(temperature, top_k, top_p)
+    sample.Knobs.check(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx

@@ -3,7 +3,7 @@ import dataclasses
 import json
 import os
 
-from cli import UserError
+from errors import UserError
 
 # Legacy names from the original release, renamed when OpenAI recounted the parameters.
 MODEL_ALIASES = {"117M": "124M", "345M": "355M"}
@@ -44,6 +44,10 @@ class HParams:
         names = {field.name for field in dataclasses.fields(cls)}
         if not isinstance(values, dict) or set(values) - names:
             raise UserError(f"{path} is not a GPT-2 hparams file (expected keys {sorted(names)})")
+        # A missing key would fall back to 124M's value, and the checkpoint would take the blame.
+        missing = sorted(names - set(values))
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}: download the model again with download_model.py")
         return cls(**values)
 
     def to_json(self):
@@ -66,14 +70,17 @@ def resolve_model_name(model_name):
 
 
 def model_dir(model_name, models_dir):
-    """The directory of a model; a missing one is a UserError that says how to get it."""
-    models_dir = os.path.expanduser(os.path.expandvars(models_dir))
+    """The directory of a model, under its name or the other name of a renamed release (the
+    original downloader made models/117M); a missing one is a UserError that says how to get it."""
+    models_dir = os.path.expanduser(os.path.expandvars(str(models_dir)))
     name = resolve_model_name(model_name)
-    path = os.path.join(models_dir, name)
-    if not os.path.isdir(path):
-        if name in SIZES:
-            hint = f"run: python download_model.py {name} --models_dir {models_dir}"
-        else:
-            hint = f"pass --models_dir and --model_name of a model directory (released models: {', '.join(SIZES)})"
-        raise UserError(f"model '{name}' not found in '{models_dir}': {hint}")
-    return path
+    legacy = [old for old, new in MODEL_ALIASES.items() if new == name]
+    for candidate in dict.fromkeys([str(model_name), name, *legacy]):
+        path = os.path.join(models_dir, candidate)
+        if os.path.isdir(path):
+            return path
+    if name in SIZES:
+        hint = f"run: python download_model.py {name} --models_dir {models_dir}"
+    else:
+        hint = f"pass --models_dir and --model_name of a model directory (released models: {', '.join(SIZES)})"
+    raise UserError(f"model '{name}' not found in '{models_dir}': {hint}")

@@ -41,7 +41,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
 
     console.use_safe_stdout()
     cli.check_counts(nsamples, batch_size)
-    sample.check_knobs(temperature, top_k, top_p)
+    sample.Knobs.check(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2

@@ -4,8 +4,7 @@ They update through TensorFlow's fused kernels (one pass over each variable, whe
 the update from elementwise ops would make several), and through the distribution strategy's
 `update`, so mirrored variables get the same step on every device.
 """
-import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
-import tensorflow as tf
+from runtime import tf
 
 
 class SGD(tf.Module):

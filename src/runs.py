@@ -10,12 +10,11 @@ import os
 import re
 import tempfile
 
-import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
-import tensorflow as tf
 
-from cli import UserError
+from checkpoint import to_checkpoint_layout, to_model_layout
+from errors import UserError
 from encoder import VOCAB_FILES
-from model import to_checkpoint_layout, to_model_layout
+from runtime import tf
 
 STEP_PREFIX = re.compile(r"^model-(\d+)$")
 

@@ -5,6 +5,7 @@ import math
 import sys
 
 import cli
+from errors import UserError
 
 
 def windows(n_tokens, n_ctx, stride):
@@ -26,9 +27,9 @@ def windows(n_tokens, n_ctx, stride):
 
 
 def check_stride(stride, n_ctx):
-    """A UserError unless --stride is None (the default) or a whole number from 1 to n_ctx."""
+    """A UserError unless stride is None (the default) or a whole number from 1 to n_ctx."""
     if stride is not None and (not isinstance(stride, int) or isinstance(stride, bool) or not 0 < stride <= n_ctx):
-        raise cli.UserError(f"--stride must be a whole number from 1 to the window size {n_ctx}, got {stride!r}")
+        raise UserError(f"stride must be a whole number from 1 to the window size {n_ctx}, got {stride!r}")
 
 
 def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8, with_hits=False):
@@ -44,6 +45,7 @@ def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8, with_hit
     import tensorflow as tf
 
     n_ctx = lm.hparams.n_ctx
+    check_stride(stride, n_ctx)
     stride = n_ctx // 2 if stride is None else stride
     jobs = []  # (text index, window tokens, first scored index within the window, target tokens)
     for i, tokens in enumerate(token_lists):
@@ -57,7 +59,7 @@ def score_tokens(lm, token_lists, eot_token, stride=None, batch_size=8, with_hit
         width = max(len(w) for _, w, _, _ in batch)
         pad = [width - len(w) for _, w, _, _ in batch]
         padded = np.array([[eot_token] * p + w for (_, w, _, _), p in zip(batch, pad)], np.int32)
-        logits, _ = lm._forward_no_past(tf.constant(padded), tf.constant(pad, tf.int32))
+        logits = lm(padded, pad=pad)["logits"]
         logprobs = tf.nn.log_softmax(logits, axis=-1).numpy()
         for (i, w, first, targets), p, row in zip(batch, pad, logprobs):
             # The prediction of w[j] comes from position j - 1.

@@ -4,12 +4,11 @@ Every step goes through a tf.distribute strategy, the default one on a single de
 code path serves a CPU, one GPU, the GPUs of a machine (mirrored) and several machines
 (multi-worker, configured by TF_CONFIG).
 """
-import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
-import tensorflow as tf
 
 import model as model_lib
 import optimizers
-from cli import UserError
+from errors import UserError
+from runtime import tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 PRECISIONS = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
@@ -191,7 +190,7 @@ class Trainer:
         """One update from `accumulate_gradients` batches (a list of numpy [B, T]); the mean loss."""
         if len(batches) != self.accumulate:
             raise ValueError(f"expected {self.accumulate} batches, got {len(batches)}")
-        seeds = [tf.constant([self.seed, step * self.accumulate + i], tf.int32) for i in range(len(batches))]
+        seeds = [tf.constant([self.seed, step * self.accumulate + i], tf.int64) for i in range(len(batches))]
         with self.strategy.scope():
             if self.accumulate == 1:
                 return float(self._step(self.distribute(batches[0]), seeds[0]))

@@ -60,18 +60,18 @@ def test_stop_string_cuts_the_text_and_ends_the_row(gpt):
 def test_row_text_stops_at_eot_and_holds_back_a_possible_stop_string(gpt):
     enc = gpt.encoder
     ids = enc.encode("Hello world, and goodbye")
-    row = api._RowText(enc, stop=None, stop_at_eot=True)
+    row = api.RowText(enc, stop=None, stop_at_eot=True)
     assert row.feed(ids[:2]) == "Hello world"
     assert row.feed(ids[2:] + [enc.eot_token] + enc.encode(" after")) == ", and goodbye"
     assert row.finished and row.feed(enc.encode("more")) == ""
     # A stop string split across chunks: the part that could start it is held back.
-    row = api._RowText(enc, stop="and good", stop_at_eot=False)
+    row = api.RowText(enc, stop="and good", stop_at_eot=False)
     first = row.feed(enc.encode("Hello world, and"))
     assert first == "Hello world, " and not row.finished
     assert row.feed(enc.encode(" goodbye")) == ""
     assert row.finished
     # Held-back text that turns out not to be a stop string comes out in the end.
-    row = api._RowText(enc, stop="and good", stop_at_eot=False)
+    row = api.RowText(enc, stop="and good", stop_at_eot=False)
     text = row.feed(enc.encode("Hello world, and")) + row.feed(enc.encode(" so")) + row.finish()
     assert text == "Hello world, and so"
 
@@ -80,7 +80,7 @@ def test_a_character_split_across_tokens_comes_out_whole(gpt):
     enc = gpt.encoder
     ids = enc.encode("\U0001d518")  # one character, three tokens
     assert len(ids) == 3
-    row = api._RowText(enc, stop=None, stop_at_eot=False)
+    row = api.RowText(enc, stop=None, stop_at_eot=False)
     pieces = [row.feed([t]) for t in ids] + [row.finish()]
     assert pieces[-2:] == ["\U0001d518", ""] and all(p == "" for p in pieces[:-2])
 

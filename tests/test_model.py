@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import checkpoint
 import model
-from cli import UserError
+from errors import UserError
 
 
 def tokens(batch, length, seed=0, vocab=50257):
@@ -54,17 +54,6 @@ def test_pass_with_past_matches_the_reference_code(ref_lm, ref_golden):
     np.testing.assert_allclose(rest["logits"].numpy()[..., cols], ref_golden["inc_logits_next_cols"], atol=1e-4)
 
 
-def test_cached_decoding_matches_the_reference_code(ref_lm, ref_golden):
-    x, cols = ref_golden["case2_tokens"], ref_golden["case2_cols"]
-    expected = ref_golden["case2_logits_cols"]
-    pad = tf.zeros([x.shape[0]], tf.int32)
-    logits, caches = ref_lm.prefill(tf.constant(x[:, :2]), pad, x.shape[1])
-    np.testing.assert_allclose(logits.numpy()[:, cols], expected[:, 1], atol=1e-4)
-    for pos in range(2, x.shape[1]):
-        logits, caches = ref_lm.decode_step(tf.constant(x[:, pos]), tf.constant(pos), pad, caches)
-        np.testing.assert_allclose(logits.numpy()[:, cols], expected[:, pos], atol=1e-4)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_variables_have_the_checkpoint_names_and_16_bit_dense_weights_are_held_transposed(tiny_models_dir, dtype):
     lm = model.load_model("tiny", tiny_models_dir, dtype=dtype)
@@ -85,7 +74,7 @@ def test_checkpoint_weights_give_back_the_released_layout(tiny_models_dir, dtype
     assert set(given) == set(released)
     for name, value in released.items():
         want = value.numpy()
-        if dtype == "bfloat16" and model.is_matrix(name):
+        if dtype == "bfloat16" and checkpoint.is_matrix(name):
             want = tf.cast(tf.cast(value, tf.bfloat16), tf.float32).numpy()  # exact after one rounding
         np.testing.assert_array_equal(tf.cast(given[name], tf.float32).numpy(), want, err_msg=name)
 
@@ -97,7 +86,7 @@ def test_a_dense_layer_multiplies_by_the_checkpoint_matrix(tiny_models_dir, dtyp
     released = checkpoint.read_weights(os.path.join(tiny_models_dir, "tiny"), lm.hparams)
     x = np.random.default_rng(0).standard_normal([3, lm.hparams.n_embd]).astype(np.float32)
     want = x @ released["model/h0/mlp/c_fc/w"].numpy()[0] + released["model/h0/mlp/c_fc/b"].numpy()
-    got = lm._linear(tf.constant(x), "h0/mlp/c_fc").numpy()
+    got = model.dense(tf.constant(x), lm.read().blocks[0].mlp_fc).numpy()
     tolerance = 1e-5 if dtype == "float32" else 0.02 * np.abs(want).max()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=tolerance)
 
@@ -120,43 +109,12 @@ def test_pass_with_past_equals_the_full_pass(tiny_lm, split):
     np.testing.assert_allclose(rest["present"], full["present"][..., split:, :], atol=1e-5)
 
 
-def test_cached_decoding_equals_the_full_pass(tiny_lm):
-    x = tokens(3, 12, seed=7)
-    full = tiny_lm(x)["logits"].numpy()
-    pad = tf.zeros([3], tf.int32)
-    logits, caches = tiny_lm.prefill(tf.constant(x[:, :5]), pad, 12)
-    np.testing.assert_allclose(logits, full[:, 4], atol=1e-5)
-    step = tf.function(tiny_lm.decode_step)
-    for pos in range(5, 12):
-        logits, caches = step(tf.constant(x[:, pos]), tf.constant(pos), pad, caches)
-        np.testing.assert_allclose(logits, full[:, pos], atol=1e-5)
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_bfloat16_cached_decoding_follows_its_full_pass(tiny_models_dir, batch):
-    # Its own forms of product (x @ w^T, h @ wte^T; at batch 1 XLA's) round differently from
-    # the full pass's, so the logits agree to bf16 precision, not exactly.
-    lm16 = model.load_model("tiny", tiny_models_dir, dtype="bfloat16")
-    x = tokens(batch, 10, seed=5)
-    full = lm16(x)["logits"].numpy()
-    pad = tf.zeros([batch], tf.int32)
-    logits, caches = lm16.prefill(tf.constant(x[:, :4]), pad, 10)
-    got = [logits.numpy()]
-    for pos in range(4, 10):
-        logits, caches = lm16.decode_step(tf.constant(x[:, pos]), tf.constant(pos), pad, caches)
-        got.append(logits.numpy())
-    want = full[:, 3:]
-    assert np.abs(np.stack(got, axis=1) - want).max() < 0.02 * (want.max() - want.min())
-    # One row takes the compiled one-row step; more rows the general one.
-    assert lm16._step_one.experimental_get_tracing_count() == (batch == 1)
-
-
 def test_left_padding_does_not_change_a_row(tiny_lm):
     x = tokens(1, 6, seed=9)
     alone = tiny_lm(x)["logits"].numpy()[0]
     padded = np.concatenate([np.full([1, 3], 50256, np.int32), x], axis=1)
-    logits, _ = tiny_lm._forward_no_past(tf.constant(padded), tf.constant([3]))
-    np.testing.assert_allclose(logits.numpy()[0, 3:], alone, atol=1e-5)
+    logits = tiny_lm(padded, pad=[3])["logits"].numpy()
+    np.testing.assert_allclose(logits[0, 3:], alone, atol=1e-5)
 
 
 def test_bfloat16_stays_close_to_float32(tiny_models_dir, tiny_lm):
@@ -189,7 +147,7 @@ def test_models_dir_expands_variables(tmp_path, tiny_models_dir, monkeypatch):
 
 
 def test_bad_dtype_is_a_user_error(tiny_models_dir):
-    with pytest.raises(UserError, match="--dtype"):
+    with pytest.raises(UserError, match="dtype must be float32 or bfloat16"):
         model.load_model("tiny", tiny_models_dir, dtype="float16")
 
 

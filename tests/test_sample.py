@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 import sample
-from cli import UserError
+from errors import UserError
 from hparams import HParams
 
 
@@ -16,6 +16,11 @@ def reference_top_p(logits, p):
     keep = max(int(np.sum(np.cumsum(probs) <= p)), 1)
     threshold = logits[order][keep - 1]
     return np.where(logits < threshold, -1e10, logits)
+
+
+def sample_logits(logits, temperature, top_k, top_p, seed):
+    knobs = sample.Knobs(temperature, top_k, top_p).tensors()
+    return sample.sample_logits(logits, knobs, tf.cast(seed, tf.int64))
 
 
 def test_top_k_keeps_the_k_largest_and_ties():
@@ -57,14 +62,14 @@ def test_top_p_always_keeps_one_and_one_is_off():
 
 def test_temperature_zero_is_greedy():
     logits = tf.constant([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
-    tokens = sample.sample_logits(logits, 0.0, 0, 1.0, tf.constant([1, 2]))
+    tokens = sample_logits(logits, 0.0, 0, 1.0, tf.constant([1, 2]))
     assert tokens.numpy().tolist() == [1, 0]
 
 
 def test_draws_follow_the_tempered_distribution():
     rows = 20000
     logits = tf.tile(tf.constant([[0.0, 1.0, 2.0]]), [rows, 1])
-    tokens = sample.sample_logits(logits, 2.0, 0, 1.0, tf.constant([7, 8])).numpy()
+    tokens = sample_logits(logits, 2.0, 0, 1.0, tf.constant([7, 8])).numpy()
     freq = np.bincount(tokens, minlength=3) / rows
     expected = np.exp([0.0, 0.5, 1.0]) / np.exp([0.0, 0.5, 1.0]).sum()
     np.testing.assert_allclose(freq, expected, atol=0.015)
@@ -73,14 +78,14 @@ def test_draws_follow_the_tempered_distribution():
 def test_top_k_draws_stay_inside_the_top_k():
     rows = 5000
     logits = tf.tile(tf.range(10, dtype=tf.float32)[None] * 0.1, [rows, 1])
-    tokens = sample.sample_logits(logits, 1.0, 3, 1.0, tf.constant([1, 1])).numpy()
+    tokens = sample_logits(logits, 1.0, 3, 1.0, tf.constant([1, 1])).numpy()
     assert set(tokens.tolist()) == {7, 8, 9}
 
 
 def test_top_k_draws_follow_the_tempered_distribution_of_the_k_best():
     rows = 20000
     logits = tf.tile(tf.constant([[4.0, 0.0, 3.0, 1.0, 2.0]]), [rows, 1])
-    tokens = sample.sample_logits(logits, 2.0, 3, 1.0, tf.constant([5, 6])).numpy()
+    tokens = sample_logits(logits, 2.0, 3, 1.0, tf.constant([5, 6])).numpy()
     freq = np.bincount(tokens, minlength=5) / rows
     expected = np.array([np.exp(2.0), 0, np.exp(1.5), 0, np.exp(1.0)])
     np.testing.assert_allclose(freq, expected / expected.sum(), atol=0.015)
@@ -89,14 +94,14 @@ def test_top_k_draws_follow_the_tempered_distribution_of_the_k_best():
 def test_top_k_keeps_every_token_tied_with_the_k_th_as_the_reference_does():
     rows = 4000
     logits = tf.tile(tf.constant([[3.0, 1.0, 2.0, 2.0, 0.0]]), [rows, 1])  # 2nd best is a tie
-    tokens = sample.sample_logits(logits, 1.0, 2, 1.0, tf.constant([1, 3])).numpy()
+    tokens = sample_logits(logits, 1.0, 2, 1.0, tf.constant([1, 3])).numpy()
     assert set(tokens.tolist()) == {0, 2, 3}
 
 
 def test_top_k_larger_than_the_vocabulary_keeps_all():
     rows = 2000
     logits = tf.zeros([rows, 4])
-    tokens = sample.sample_logits(logits, 1.0, 50, 1.0, tf.constant([2, 2])).numpy()
+    tokens = sample_logits(logits, 1.0, 50, 1.0, tf.constant([2, 2])).numpy()
     assert set(tokens.tolist()) == {0, 1, 2, 3}
 
 
@@ -106,23 +111,24 @@ def test_top_k_then_top_p_draws_stay_inside_the_reference_nucleus(p):
     row = rng.normal(size=50).astype(np.float32) * 2
     top10 = np.where(row < np.sort(row)[-10], -1e10, row)
     allowed = set(np.flatnonzero(reference_top_p(top10, p) > -1e10).tolist())
-    tokens = sample.sample_logits(tf.tile(row[None], [3000, 1]), 1.0, 10, p, tf.constant([9, 9])).numpy()
+    tokens = sample_logits(tf.tile(row[None], [3000, 1]), 1.0, 10, p, tf.constant([9, 9])).numpy()
     assert set(tokens.tolist()) == allowed
 
 
 def test_same_seed_same_draws_other_seed_other_draws():
     logits = tf.zeros([64, 1000])
-    a = sample.sample_logits(logits, 1.0, 0, 1.0, tf.constant([3, 0])).numpy()
-    b = sample.sample_logits(logits, 1.0, 0, 1.0, tf.constant([3, 0])).numpy()
-    c = sample.sample_logits(logits, 1.0, 0, 1.0, tf.constant([4, 0])).numpy()
+    a = sample_logits(logits, 1.0, 0, 1.0, tf.constant([3, 0])).numpy()
+    b = sample_logits(logits, 1.0, 0, 1.0, tf.constant([3, 0])).numpy()
+    c = sample_logits(logits, 1.0, 0, 1.0, tf.constant([4, 0])).numpy()
     assert (a == b).all() and (a != c).any()
 
 
 class CountingModel:
-    """A stub language model: the next token is always (previous token + 1) mod vocab, with a
-    margin of 5 logits; it also counts its decode steps in its state."""
+    """A stub engine: the next token is always (previous token + 1) mod vocab, with a margin
+    of 5 logits; it also counts its decode steps in its state."""
 
     hparams = HParams(n_vocab=12, n_ctx=16, n_embd=4, n_head=1, n_layer=1)
+    state_spec = [tf.TensorSpec([None], tf.int32)]
 
     def _logits(self, previous):
         return tf.one_hot((previous + 1) % self.hparams.n_vocab, self.hparams.n_vocab) * 5.0
@@ -130,13 +136,13 @@ class CountingModel:
     def prefill(self, tokens, pad, capacity):
         return self._logits(tokens[:, -1]), [tf.zeros([1], tf.int32)]
 
-    def decode_step(self, token, pos, pad, state):
+    def step(self, token, pos, pad, state):
         return self._logits(token), [state[0] + 1]
 
 
 @pytest.fixture(scope="module")
 def stub_sampler():
-    return sample.Sampler(CountingModel(), state_spec=[tf.TensorSpec([None], tf.int32)])
+    return sample.Sampler(CountingModel(), eot_token=11)
 
 
 def generate(sampler, contexts, length, **kw):
@@ -182,10 +188,10 @@ def test_stop_rows_from_outside(stub_sampler):
 
 
 @pytest.mark.parametrize("length,prompt,message", [
-    (17, 1, "longer than window size: 16"),
-    (10, 8, "leaves room for 9 new tokens"),
-    (5, 20, "shorten the prompt"),
-    (0, 1, "--length"),
+    (17, 1, "length must be at most 16"),
+    (10, 8, "use length 9 or less, or a prompt 1 tokens shorter"),
+    (5, 20, "use a prompt 8 tokens shorter"),
+    (0, 1, "length must be a whole number >= 1"),
 ])
 def test_window_errors_say_how_much_room_there_is(stub_sampler, length, prompt, message):
     with pytest.raises(UserError, match=message):
@@ -198,12 +204,12 @@ def test_a_prompt_that_exactly_fits(stub_sampler):
 
 
 @pytest.mark.parametrize("knobs,message", [
-    (dict(top_k=-1), "--top_k"),
-    (dict(top_k=1.5), "--top_k"),
-    (dict(top_p=0.0), "--top_p"),
-    (dict(top_p=1.5), "--top_p"),
-    (dict(temperature=-0.1), "--temperature"),
-    (dict(temperature=float("nan")), "--temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
 ])
 def test_bad_knobs_are_user_errors(stub_sampler, knobs, message):
     with pytest.raises(UserError, match=message):
@@ -222,14 +228,14 @@ def test_a_tie_with_the_k_th_past_the_fetched_values_keeps_every_tied_token():
     rows = 6000
     tied = sample.TIE_ROOM + 4
     row = [5.0] + [2.0] * tied + [0.0, 1.0]
-    tokens = sample.sample_logits(tf.tile(tf.constant([row]), [rows, 1]), 1.0, 2, 1.0, tf.constant([4, 2])).numpy()
+    tokens = sample_logits(tf.tile(tf.constant([row]), [rows, 1]), 1.0, 2, 1.0, tf.constant([4, 2])).numpy()
     assert set(tokens.tolist()) == set(range(tied + 1))
 
 
 def test_ties_within_the_fetched_values_keep_the_reference_distribution():
     rows = 20000
     row = np.array([3.0, 1.0, 2.0, 2.0, 2.0, 0.5, 0.0, -1.0] + [-2.0] * 20, np.float32)
-    tokens = sample.sample_logits(tf.tile(tf.constant(row[None]), [rows, 1]), 1.0, 2, 1.0, tf.constant([8, 1])).numpy()
+    tokens = sample_logits(tf.tile(tf.constant(row[None]), [rows, 1]), 1.0, 2, 1.0, tf.constant([8, 1])).numpy()
     kept = row >= 2.0  # the 2nd best (2.0) is tied three ways: all three stay, as in the reference
     expected = np.where(kept, np.exp(row), 0) / np.exp(row[kept]).sum()
     np.testing.assert_allclose(np.bincount(tokens, minlength=len(row)) / rows, expected, atol=0.015)
@@ -241,5 +247,36 @@ def test_top_p_after_a_tie_past_the_fetched_values_counts_every_tied_token():
     row = np.array([5.0] + [2.0] * (sample.TIE_ROOM + 4) + [0.0, 1.0], np.float32)
     kept_by_top_k = np.where(row < np.sort(row)[-2], -1e10, row)
     allowed = set(np.flatnonzero(reference_top_p(kept_by_top_k, 0.7) > -1e10).tolist())
-    tokens = sample.sample_logits(tf.tile(row[None], [rows, 1]), 1.0, 2, 0.7, tf.constant([3, 5])).numpy()
+    tokens = sample_logits(tf.tile(row[None], [rows, 1]), 1.0, 2, 0.7, tf.constant([3, 5])).numpy()
     assert set(tokens.tolist()) == allowed
+
+
+def test_a_rows_draw_does_not_depend_on_its_neighbours():
+    # Row 1 has a tie running past the fetched values and takes the full pass; row 0's draw
+    # must be the one it gets alone in a batch of the same size.
+    rng = np.random.default_rng(0)
+    plain = rng.normal(size=40).astype(np.float32)
+    tied = np.array([5.0] + [2.0] * (sample.TIE_ROOM + 4) + [0.0] * 27, np.float32)
+    for seed in range(50):
+        mixed = sample_logits(tf.constant(np.stack([plain, tied])), 1.0, 2, 1.0, [seed, 0]).numpy()
+        alone = sample_logits(tf.constant(np.stack([plain, plain])), 1.0, 2, 1.0, [seed, 0]).numpy()
+        assert mixed[0] == alone[0]
+
+
+def test_seeds_use_all_64_bits_and_say_their_range():
+    logits = tf.zeros([64, 1000])
+    a = sample_logits(logits, 1.0, 0, 1.0, [sample.new_seed(0), 0]).numpy()
+    b = sample_logits(logits, 1.0, 0, 1.0, [sample.new_seed(2 ** 31), 0]).numpy()
+    assert (a != b).any()
+    assert sample.new_seed(2 ** 63 - 1) == 2 ** 63 - 1
+    with pytest.raises(UserError, match="seed must be a whole number from -2\\*\\*63 to 2\\*\\*63 - 1"):
+        sample.new_seed(2 ** 63)
+    assert sample.batch_seed(2 ** 63 - 1, 1) == -2 ** 63 + 1000002  # wraps within 64 bits
+
+
+def test_retraces_are_counted_for_every_compiled_function(stub_sampler):
+    generate(stub_sampler, [[1]], 12, top_k=3, seed=1)
+    before = stub_sampler.traces()
+    generate(stub_sampler, [[1, 2, 3]], 10, top_k=5, top_p=0.5, temperature=0.7, seed=2)
+    assert set(before) == {"prefill", "chunk", "chunk_one_row", "sample_last"}
+    assert stub_sampler.traces() == before  # other knobs and prompt lengths reuse the traces

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import checkpoint
 import trainer
-from model import to_checkpoint_layout
+from checkpoint import to_checkpoint_layout
 from conftest import TINY_HPARAMS
 from hparams import HParams
 
