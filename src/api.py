@@ -249,7 +249,7 @@ class RowText:
             stop = [stop]
         self._stops = [s for s in (stop or []) if s]
         if stop is not None and not all(isinstance(s, str) for s in stop):
-            raise UserError("--stop must be a string or a list of strings")
+            raise UserError("stop must be a string or a list of strings")
         self._encoder = encoder
         self._stop_at_eot = stop_at_eot
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

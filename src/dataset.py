@@ -142,12 +142,12 @@ def _load_npz(name, n_vocab):
 
 def _check_options(combine, encoding):
     if not isinstance(combine, int) or isinstance(combine, bool) or combine < 0:
-        raise UserError(f"--combine must be a whole number of characters >= 0, got {combine!r}")
+        raise UserError(f"combine must be a whole number of characters >= 0, got {combine!r}")
     try:
         # Unlike codecs.lookup, decoding also rejects bytes-to-bytes codecs such as base64.
         b"\0\0\0\0".decode(encoding, "ignore")
     except (LookupError, TypeError, UnicodeError):
-        raise UserError(f"--encoding {encoding!r} is not a text codec Python knows: give one such as utf-8, "
+        raise UserError(f"encoding {encoding!r} is not a text codec Python knows: give one such as utf-8, "
                         f"latin-1 or cp1252") from None
 
 

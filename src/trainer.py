@@ -22,10 +22,10 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
 
 
-def parse_precision(precision, flag="--precision"):
+def parse_precision(precision, flag="precision"):
     if precision not in PRECISIONS:
         raise UserError(f"{flag} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
@@ -81,7 +81,7 @@ class Trainer:
     def __init__(self, lm, strategy, optimizer="adam", learning_rate=2e-5, accumulate_gradients=1,
                  memory_saving_gradients=False, only_train_transformer_layers=False, noise=0.0, seed=0, xla=True):
         if optimizer not in optimizers.OPTIMIZERS:
-            raise UserError(f"--optimizer must be one of {', '.join(optimizers.OPTIMIZERS)}, got {optimizer!r}")
+            raise UserError(f"optimizer must be one of {', '.join(optimizers.OPTIMIZERS)}, got {optimizer!r}")
         self.lm, self.strategy = lm, strategy
         self.accumulate = int(accumulate_gradients)
         self.recompute = bool(memory_saving_gradients)
@@ -177,7 +177,7 @@ class Trainer:
         """A UserError unless `batch_size` rows split evenly across the replicas."""
         replicas = self.strategy.num_replicas_in_sync
         if batch_size % replicas:
-            raise UserError(f"--batch_size ({batch_size}) must be a multiple of the {replicas} devices in use")
+            raise UserError(f"batch_size ({batch_size}) must be a multiple of the {replicas} devices in use")
 
     def distribute(self, batch):
         """Splits a numpy batch [B, T] into equal parts, one per replica."""

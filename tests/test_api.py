@@ -145,3 +145,22 @@ def test_fine_tune_needs_float32_and_some_text(tiny_models_dir):
         api.load("tiny", tiny_models_dir, dtype="bfloat16").fine_tune(["some text"], steps=1)
     with pytest.raises(UserError, match="no text"):
         api.load("tiny", tiny_models_dir).fine_tune(["", ""], steps=1)
+
+
+def test_numpy_prompts_work_like_lists(gpt):
+    ids = gpt.encode("Hello there")
+    want = gpt.generate([ids], length=5, temperature=0)
+    assert gpt.generate(np.array(ids, np.int32), length=5, temperature=0) == want
+    assert gpt.generate([np.array(ids)], length=5, temperature=0) == want
+    assert gpt.generate([[np.int64(t) for t in ids]], length=5, temperature=0) == want
+
+
+def test_token_prompts_out_of_the_vocabulary_are_user_errors(gpt):
+    with pytest.raises(UserError, match="token ids from 0 to 50256"):
+        gpt.generate([[1, 50257]], length=3)
+
+
+@pytest.mark.parametrize("stride", [0, -3, 65, 2.5])
+def test_score_checks_its_stride(gpt, stride):
+    with pytest.raises(UserError, match="stride must be a whole number from 1 to the window size 64"):
+        gpt.score("some text to score", stride=stride)

@@ -135,3 +135,36 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no checkpoint"):
         checkpoint.read_weights(str(tmp_path / "empty"), SMALL)
+
+
+def test_a_copied_directory_reads_its_own_weights_not_the_absolute_path_in_checkpoint(tmp_path):
+    original = checkpoint.write_random_model(str(tmp_path / "original"), SMALL, seed=1)
+    copy = checkpoint.write_random_model(str(tmp_path / "copy"), SMALL, seed=2)
+    # TF1 savers write absolute paths; this one names the original's files.
+    with open(os.path.join(copy, "checkpoint"), "w") as f:
+        f.write(f'model_checkpoint_path: "{original}/model.ckpt"\n')
+    own = checkpoint.read_weights(copy, SMALL)["model/wte"].numpy()
+    np.testing.assert_array_equal(own, checkpoint.random_weights(SMALL, seed=2)["model/wte"])
+    # And when the original has moved away, the copy still loads.
+    os.rename(original, str(tmp_path / "moved"))
+    assert checkpoint.checkpoint_prefix(copy) == os.path.join(copy, "model.ckpt")
+
+
+def test_a_checkpoint_file_may_not_point_outside_its_directory(tmp_path):
+    checkpoint.write_random_model(str(tmp_path / "other"), SMALL)
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL)
+    with open(os.path.join(path, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "../other/model.ckpt"\n')
+    with pytest.raises(UserError, match="no checkpoint '../other/model.ckpt' in"):
+        checkpoint.checkpoint_prefix(path)
+
+
+def test_corrupt_checkpoint_errors_carry_no_tensorflow_function_tags(tmp_path):
+    path = checkpoint.write_random_model(str(tmp_path / "m"), SMALL)
+    data = os.path.join(path, "model.ckpt.data-00000-of-00001")
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.raises(UserError) as caught:
+        checkpoint.read_weights(path, SMALL)
+    assert "{{" not in str(caught.value) and "function_node" not in str(caught.value)
+    assert "\n" not in str(caught.value)
