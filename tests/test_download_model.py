@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,18 +19,24 @@ _spec.loader.exec_module(dm)
 
 FILES = dm.FILES
 DATA = "model.ckpt.data-00000-of-00001"
+RELEASED = {}  # file name -> bytes of the model the server sends
+
+
+@pytest.fixture(scope="session", autouse=True)
+def released_files(tiny_models_dir):
+    """A tiny random model in the released format, so the files are real ones (~6.5 MB of data)."""
+    for name in FILES:
+        RELEASED[name] = Path(tiny_models_dir, "tiny", name).read_bytes()
 
 
 def file_bytes(name):
-    """Distinct content per file; the data file (~340 KB) arrives in several chunks."""
-    size = 5 * dm.CHUNK + 12345 if name == DATA else 1000 + len(name)
-    return bytes((i * 7 + len(name)) % 251 for i in range(size))
+    return RELEASED[name]
 
 
 class Server:
     """Serves /models/124M/<file> with Range support. `faults` maps a file name to a list of
     behaviours consumed one per GET: '503', '404', '500' (an HTML error page), 'drop' (close
-    half-way), 'short' (promise the whole file, send 100 bytes), 'html' (200 with a web page),
+    half-way), 'short' (promise the whole file, send at most 100 bytes), 'html' (200 with a web page),
     'norange' (ignore Range), 'stall' (send headers, then wait 1 s); an empty list serves normally."""
 
     def __init__(self):
@@ -81,7 +88,7 @@ class Server:
                     return
                 part = body[start:]
                 if fault in ("drop", "short", "stall"):
-                    self.wfile.write(part[:len(part) // 2] if fault == "drop" else part[:100])
+                    self.wfile.write(part[:len(part) // 2] if fault == "drop" else part[:min(100, len(part) // 2)])
                     self.wfile.flush()
                     if fault == "stall":
                         time.sleep(1)
