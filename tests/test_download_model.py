@@ -2,9 +2,12 @@
 import errno
 import http.server
 import importlib.util
+import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,12 +37,15 @@ def file_bytes(name):
 
 
 class Server:
-    """Serves /models/124M/<file> with Range support. `faults` maps a file name to a list of
-    behaviours consumed one per GET: '503', '404', '500' (an HTML error page), 'drop' (close
-    half-way), 'short' (promise the whole file, send at most 100 bytes), 'html' (200 with a web page),
-    'norange' (ignore Range), 'stall' (send headers, then wait 1 s); an empty list serves normally."""
+    """Serves `files` (the released ones unless a test changes them) as /models/124M/<file> with
+    Range support. `faults` maps a file name to a list of behaviours consumed one per GET: '503',
+    '404', '500' (an HTML error page), 'drop' (close half-way), 'short' (promise the whole file, send
+    at most 100 bytes), 'html' (200 with a web page), 'page' (the same labelled as a binary file),
+    'cut' (no Content-Length, close half-way), 'norange' (ignore Range), 'stall' (send headers, then
+    wait 1 s); an empty list serves normally."""
 
     def __init__(self):
+        self.files = dict(RELEASED)
         self.faults = {}
         self.requests = []  # (method, path, Range header)
         self.encodings = set()  # Accept-Encoding headers seen
@@ -67,9 +73,16 @@ class Server:
                 fault = queue.pop(0) if queue else None
                 if fault in ("503", "404", "500"):
                     return self._page(int(fault), head)
-                if fault == "html":
-                    return self._page(200, head)
-                body = file_bytes(name)
+                if fault in ("html", "page"):
+                    return self._page(200, head, "text/html" if fault == "html" else "application/octet-stream")
+                body = server.files[name]
+                if fault == "cut":
+                    self.send_response(200)
+                    self.send_header("Connection", "close")  # the body ends where the connection does
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2])
+                    self.close_connection = True
+                    return
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 start = int(match.group(1)) if match and fault not in ("norange", "short") else 0
                 if start >= len(body) and match:
@@ -96,10 +109,10 @@ class Server:
                     return
                 self.wfile.write(part)
 
-            def _page(self, code, head):
+            def _page(self, code, head, content_type="text/html"):
                 body = b"<html><body>error page</body></html>"
                 self.send_response(code)
-                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if not head:
@@ -165,8 +178,12 @@ def assert_one_line_error(result, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
+def listing(directory):
+    return os.listdir(directory) if os.path.isdir(directory) else []
+
+
 def assert_no_error_page_saved(directory):
-    for name in os.listdir(directory):
+    for name in listing(directory):
         with open(os.path.join(directory, name), "rb") as f:
             assert b"error page" not in f.read(), name
 
@@ -365,10 +382,10 @@ def test_disk_error_is_not_retried(server, tmp_path, monkeypatch):
             self.f.close()
 
     monkeypatch.setattr(dm, "open", lambda path, mode: FullDisk(real_open(path, mode)), raising=False)
-    with pytest.raises(dm.cli.UserError, match=r"cannot write .*checkpoint \(No space left on device\): free some"):
+    with pytest.raises(dm.cli.UserError, match=rf"cannot write .*{FILES[0]} \(No space left on device\): free some"):
         dm.download_model("124M", str(tmp_path))
     assert len(server.gets()) == 1
-    assert not (tmp_path / "124M" / "checkpoint").exists()
+    assert not (tmp_path / "124M" / FILES[0]).exists()
 
 
 def test_models_dir_that_is_a_file_is_one_line(server, tmp_path):
@@ -413,8 +430,8 @@ def test_unreachable_server_is_a_one_line_error(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("GPT2_BASE_URL", f"http://127.0.0.1:{port}")
     result = run("124M", "--models_dir", tmp_path)
-    assert_one_line_error(result, rf"could not download .*/checkpoint after {dm.TRIES} tries \(ConnectionError\)"
-                                  ".*check your connection")
+    assert_one_line_error(result, rf"could not download .*/{re.escape(FILES[0])} after {dm.TRIES} tries "
+                                  r"\(ConnectionError\).*check your connection")
     assert not os.listdir(tmp_path / "124M")
 
 
@@ -423,3 +440,92 @@ def test_attempts_that_make_progress_do_not_count_against_the_tries(server, tmp_
     dm.download_model("124M", str(tmp_path))
     assert_complete(tmp_path / "124M")
     assert len(server.gets(DATA)) == dm.TRIES + 2
+
+
+def assert_nothing_of(directory, name):
+    """Neither `name` nor a part of it is in `directory`."""
+    assert not [n for n in listing(directory) if n.startswith(name)], listing(directory)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_web_page_labelled_as_a_file_is_refused(server, tmp_path, name):
+    server.faults[name] = ["page"]
+    with pytest.raises(dm.cli.UserError, match=rf"^{re.escape(name)} from \S+ is a web page: check GPT2_BASE_URL"):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", name)
+    assert_no_error_page_saved(tmp_path / "124M")
+
+
+@pytest.mark.parametrize("name", ["hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.index", "model.ckpt.meta",
+                                  "checkpoint"])
+def test_body_cut_short_without_a_length_is_refused(server, tmp_path, name):
+    server.faults[name] = ["cut"]
+    refused = rf"^{re.escape(name)} from \S+ (is not|ends mid-line).*: check GPT2_BASE_URL"
+    with pytest.raises(dm.cli.UserError, match=refused):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", name)
+
+
+def test_data_cut_short_without_a_length_is_resumed_to_the_size_the_index_needs(server, tmp_path):
+    server.faults[DATA] = ["cut"]
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(tmp_path / "124M")
+    assert [rng for _, rng in server.gets(DATA)] == [None, f"bytes={len(file_bytes(DATA)) // 2}-"]
+
+
+def test_data_file_of_another_size_than_the_index_needs_is_refused(server, tmp_path):
+    need = len(file_bytes(DATA))
+    server.files[DATA] = file_bytes(DATA)[:-4]  # with a Content-Length that agrees
+    with pytest.raises(dm.cli.UserError, match=rf"{DATA} from \S+ is {need - 4} bytes, but {dm.INDEX} needs {need}:"):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", DATA)
+
+
+def test_hparams_without_the_gpt2_settings_is_refused(server, tmp_path):
+    server.files["hparams.json"] = json.dumps({"n_vocab": 50257, "n_ctx": 1024}).encode()
+    refused = r"hparams.json from \S+ lacks the GPT-2 settings n_embd, n_head, n_layer:"
+    with pytest.raises(dm.cli.UserError, match=refused):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", "hparams.json")
+
+
+@pytest.mark.parametrize("name, fault, problem", [("encoder.json", "page", "is a web page"),
+                                                  ("model.ckpt.index", "cut", "is not a checkpoint index")])
+def test_bad_content_is_a_one_line_error_with_status_2(server, tmp_path, name, fault, problem):
+    server.faults[name] = [fault]
+    result = run("124M", "--models_dir", tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, rf"^error: {re.escape(name)} from \S+ {problem}.*: check GPT2_BASE_URL")
+
+
+def same_size_garbage(name):
+    return b"<html>" + b" " * (len(file_bytes(name)) - 6)
+
+
+def test_bad_files_already_there_are_downloaded_again(server, tmp_path):
+    dm.download_model("124M", str(tmp_path))
+    bad = ["encoder.json", "model.ckpt.index", "model.ckpt.meta"]
+    for name in bad:  # the same sizes as the server's, so a size check passes them
+        (tmp_path / "124M" / name).write_bytes(same_size_garbage(name))
+    count = len(server.gets())
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(tmp_path / "124M")
+    assert sorted(path for path, _ in server.gets()[count:]) == sorted(f"/models/124M/{name}" for name in bad)
+
+
+def test_bad_file_already_there_is_removed_when_the_server_is_unreachable(server, tmp_path):
+    dm.download_model("124M", str(tmp_path))
+    (tmp_path / "124M" / "vocab.bpe").write_bytes(b"not a vocabulary\n")
+    server.close()
+    with pytest.raises(dm.cli.UserError, match=r"could not download .*/vocab.bpe after"):
+        dm.download_model("124M", str(tmp_path))
+    assert not (tmp_path / "124M" / "vocab.bpe").exists()
+
+
+def test_help_does_not_load_tensorflow():
+    code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], "
+            "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, os.path.join(REPO_ROOT, "download_model.py")],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert "--models_dir" in result.stdout + result.stderr  # fire printed the help
+    assert result.stdout.splitlines()[-1] == "False", result.stderr
