@@ -243,8 +243,6 @@ def download_model(model_name, models_dir="models", base_url=None):
     Returns:
         The model directory.
     """
-    import requests
-
     name = resolve_model_name(model_name)
     if name not in SIZES:
         raise cli.UserError(f"unknown model '{model_name}': choose one of {', '.join(SIZES)}")
@@ -255,16 +253,42 @@ def download_model(model_name, models_dir="models", base_url=None):
     directory = os.path.join(os.path.expanduser(os.path.expandvars(str(models_dir))), name)
     if name != str(model_name):
         print(f"{model_name} is the old name of {name}: downloading {name} into {directory}", flush=True)
-    disk_hint = "free some disk space or pass another --models_dir, then run the same command again"
+    created = _missing_dirs(directory)
+    try:
+        _download_files(directory, f"{base_url}/models/{name}")
+    except BaseException:
+        for path in created:  # deepest first; rmdir refuses one holding anything, such as a .part to resume
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+        raise
+    return directory
+
+
+def _missing_dirs(directory):
+    """`directory` and those of its parents that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(directory)
+    while not os.path.isdir(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _download_files(directory, base_url):
+    """Downloads or checks each of FILES in `directory`, from `base_url/<file>`."""
+    import requests
+
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise cli.UserError(f"cannot create {directory} ({e.strerror}): pass another --models_dir") from None
+    disk_hint = "free some disk space or pass another --models_dir, then run the same command again"
     with requests.Session() as session:
         data_size = None
         for filename in FILES:
             path = os.path.join(directory, filename)
-            url = f"{base_url}/models/{name}/{filename}"
+            url = f"{base_url}/{filename}"
             size = data_size if filename == DATA else None
             try:
                 reason = os.path.exists(path) and _stale(session, path, url, filename, size)
@@ -277,7 +301,6 @@ def download_model(model_name, models_dir="models", base_url=None):
                 raise cli.UserError(f"cannot write {path} ({e.strerror}): {disk_hint}") from None
             if filename == INDEX:
                 data_size = _data_size(path)
-    return directory
 
 
 def main(model_name=None, models_dir="models"):

@@ -432,7 +432,7 @@ def test_unreachable_server_is_a_one_line_error(tmp_path, monkeypatch):
     result = run("124M", "--models_dir", tmp_path)
     assert_one_line_error(result, rf"could not download .*/{re.escape(FILES[0])} after {dm.TRIES} tries "
                                   r"\(ConnectionError\).*check your connection")
-    assert not os.listdir(tmp_path / "124M")
+    assert not (tmp_path / "124M").exists()
 
 
 def test_attempts_that_make_progress_do_not_count_against_the_tries(server, tmp_path):
@@ -529,3 +529,25 @@ def test_help_does_not_load_tensorflow():
                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert "--models_dir" in result.stdout + result.stderr  # fire printed the help
     assert result.stdout.splitlines()[-1] == "False", result.stderr
+
+
+def test_failed_run_removes_the_directories_it_made_and_left_empty(server, tmp_path):
+    server.faults[FILES[0]] = ["404"]
+    with pytest.raises(dm.cli.UserError, match="not found"):
+        dm.download_model("124M", str(tmp_path / "new" / "models"))
+    assert not os.listdir(tmp_path)
+
+
+def test_failed_run_keeps_a_directory_that_was_there(server, tmp_path):
+    (tmp_path / "124M").mkdir()
+    server.faults[FILES[0]] = ["404"]
+    with pytest.raises(dm.cli.UserError, match="not found"):
+        dm.download_model("124M", str(tmp_path))
+    assert (tmp_path / "124M").is_dir()
+
+
+def test_failed_run_keeps_a_directory_with_a_part_to_resume(server, tmp_path):
+    server.faults[FILES[0]] = ["short"] * (dm.TRIES + 1)
+    with pytest.raises(dm.cli.UserError, match="after"):
+        dm.download_model("124M", str(tmp_path))
+    assert os.listdir(tmp_path / "124M") == [FILES[0] + ".part"]
