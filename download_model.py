@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """Downloads a released GPT-2 model: python download_model.py 124M [--models_dir models]."""
+import difflib
+import inspect
 import json
 import math
 import os
@@ -316,5 +318,29 @@ def main(model_name=None, models_dir="models"):
     download_model(str(model_name), models_dir)
 
 
+def unknown_flag(fn, args):
+    """The error for the first flag in `args` (before fire's `--`) that names no parameter of `fn`, or
+    None. Fire itself would take such a flag for a call on `fn`'s result, so fail only after `fn` ran."""
+    params = inspect.signature(fn).parameters
+    known = {"help", "h", *params, *("no" + n for n, p in params.items() if isinstance(p.default, bool))}
+    for arg in args:
+        if arg == "--":
+            break  # fire's own flags follow
+        if not re.match(r"--|-[a-zA-Z]", arg):
+            continue  # a value, or a negative number
+        flag = arg.split("=", 1)[0]
+        key = flag.lstrip("-").replace("-", "_")
+        if key in known or len(key) == 1 and any(n.startswith(key) for n in params):
+            continue  # fire reads -m as the one parameter starting with m
+        close = difflib.get_close_matches(key, list(params), n=1)
+        hint = f"did you mean --{close[0]}?" if close else "the flags are " + ", ".join(f"--{n}" for n in params)
+        return f"unknown flag {flag} ({hint})"
+    return None
+
+
 if __name__ == "__main__":
+    flag_error = unknown_flag(main, sys.argv[1:])
+    if flag_error:
+        print(f"error: {flag_error}", file=sys.stderr)
+        sys.exit(2)
     cli.run(main)

@@ -551,3 +551,44 @@ def test_failed_run_keeps_a_directory_with_a_part_to_resume(server, tmp_path):
     with pytest.raises(dm.cli.UserError, match="after"):
         dm.download_model("124M", str(tmp_path))
     assert os.listdir(tmp_path / "124M") == [FILES[0] + ".part"]
+
+
+def run_in(cwd, *args):
+    """The script run from `cwd`, where relative paths (and the default ./models) land."""
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "download_model.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONIOENCODING="utf-8"))
+
+
+def test_mistyped_flag_fails_before_any_work(server, tmp_path):
+    result = run_in(tmp_path, "124M", "--model_dir", "elsewhere")
+    assert result.returncode == 2
+    assert_one_line_error(result, r"^error: unknown flag --model_dir \(did you mean --models_dir\?\)$")
+    assert not server.requests
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("args", [["124M"], ["124M", "--models_dir", "x"], ["--models_dir=x", "124M"],
+                                  ["--models-dir", "x", "124M"], ["--model_name", "124M"], ["--help"], ["-h"],
+                                  ["124M", "-models_dir", "x"], ["124M", "--", "--verbose"],
+                                  ["124M", "--models_dir", "-5"]])
+def test_real_flags_pass_the_check(args):
+    assert dm.unknown_flag(dm.main, args) is None
+
+
+@pytest.mark.parametrize("args, error", [
+    (["124M", "--model_dir", "x"], "unknown flag --model_dir (did you mean --models_dir?)"),
+    (["--modelname=124M"], "unknown flag --modelname (did you mean --model_name?)"),
+    (["124M", "-model_dir", "x"], "unknown flag -model_dir (did you mean --models_dir?)"),
+    (["124M", "--frobnicate"], "unknown flag --frobnicate (the flags are --model_name, --models_dir)"),
+])
+def test_unknown_flags_are_named_with_the_nearest_real_one(args, error):
+    assert dm.unknown_flag(dm.main, args) == error
+
+
+def test_no_prefix_is_a_flag_only_for_booleans():
+    def entry(name, verbose=False):
+        pass
+
+    assert dm.unknown_flag(entry, ["--noverbose"]) is None
+    assert dm.unknown_flag(entry, ["--noname"]) is not None
