@@ -22,6 +22,7 @@ INDEX, DATA = "model.ckpt.index", "model.ckpt.data-00000-of-00001"
 # model by, so it comes last: an unfinished set never looks loadable.
 FILES = ("hparams.json", "encoder.json", "vocab.bpe", INDEX, DATA, "model.ckpt.meta", "checkpoint")
 GPT2_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+FLAG = re.compile(r"--|-[a-zA-Z]")  # what fire takes for a flag rather than a value
 TRIES = 5  # attempts in a row that receive nothing; an attempt that gets bytes resets the count
 CHUNK = 64 * 1024
 TIMEOUT_SECONDS = (15, 60)  # connect, and between two reads
@@ -326,7 +327,7 @@ def unknown_flag(fn, args):
     for arg in args:
         if arg == "--":
             break  # fire's own flags follow
-        if not re.match(r"--|-[a-zA-Z]", arg):
+        if not FLAG.match(arg):
             continue  # a value, or a negative number
         flag = arg.split("=", 1)[0]
         key = flag.lstrip("-").replace("-", "_")
@@ -338,9 +339,26 @@ def unknown_flag(fn, args):
     return None
 
 
+def as_typed(args):
+    """`args` with every value quoted as a Python string, which fire parses back to exactly what was
+    typed; unquoted, `--models_dir 2019.10` would reach main as the float 2019.1. For entry points
+    whose parameters all take strings (main's are a name and a path)."""
+    typed = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return typed + args[i:]  # fire's own flags
+        flag, equals, value = arg.partition("=")
+        if FLAG.match(arg):
+            typed.append(flag + equals + repr(value) if equals else arg)
+        else:
+            typed.append(arg if arg == "-" else repr(arg))  # a lone - is fire's separator
+    return typed
+
+
 if __name__ == "__main__":
     flag_error = unknown_flag(main, sys.argv[1:])
     if flag_error:
         print(f"error: {flag_error}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = as_typed(sys.argv[1:])
     cli.run(main)

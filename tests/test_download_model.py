@@ -522,12 +522,13 @@ def test_bad_file_already_there_is_removed_when_the_server_is_unreachable(server
     assert not (tmp_path / "124M" / "vocab.bpe").exists()
 
 
-def test_help_does_not_load_tensorflow():
+def test_help_is_plain_and_does_not_load_tensorflow():
     code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], "
             "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code, os.path.join(REPO_ROOT, "download_model.py")],
                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert "--models_dir" in result.stdout + result.stderr  # fire printed the help
+    assert "GROUP" not in result.stdout + result.stderr  # no attribute of main shown as a command
     assert result.stdout.splitlines()[-1] == "False", result.stderr
 
 
@@ -592,3 +593,26 @@ def test_no_prefix_is_a_flag_only_for_booleans():
 
     assert dm.unknown_flag(entry, ["--noverbose"]) is None
     assert dm.unknown_flag(entry, ["--noname"]) is not None
+
+
+@pytest.mark.parametrize("args, models_dir", [(["--models_dir", "2019"], "2019"), (["--models_dir=2019.10"], "2019.10"),
+                                              (["1_000"], "1_000")])
+def test_models_dir_that_looks_like_a_number_is_taken_as_typed(server, tmp_path, args, models_dir):
+    result = run_in(tmp_path, "124M", *args)
+    assert result.returncode == 0, result.stderr
+    assert_complete(tmp_path / models_dir / "124M")
+    assert os.listdir(tmp_path) == [models_dir]
+
+
+@pytest.mark.parametrize("value", ["2019.10", "1_000", "0x10", "[a]", "it's \"x\"", "-5", "C:\\models", "ü", ""])
+def test_values_quoted_for_fire_parse_back_to_what_was_typed(value):
+    from fire.parser import DefaultParseValue
+
+    flag, positional = dm.as_typed([f"--models_dir={value}", value])
+    assert DefaultParseValue(flag.split("=", 1)[1]) == value
+    assert DefaultParseValue(positional) == value
+
+
+def test_only_values_are_quoted():
+    args = ["--models_dir", "-h", "--help", "-", "--", "--verbose", "x"]
+    assert dm.as_typed(args) == args
