@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """Downloads a released GPT-2 model: python download_model.py 124M [--models_dir models]."""
+import difflib
+import inspect
+import json
+import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
@@ -11,8 +17,12 @@ import cli  # noqa: E402
 from hparams import SIZES, resolve_model_name  # noqa: E402
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
-FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
-         "model.ckpt.meta", "vocab.bpe")
+INDEX, DATA = "model.ckpt.index", "model.ckpt.data-00000-of-00001"
+# The index gives the data file's size, so it comes first; `checkpoint` is what TensorFlow finds a
+# model by, so it comes last: an unfinished set never looks loadable.
+FILES = ("hparams.json", "encoder.json", "vocab.bpe", INDEX, DATA, "model.ckpt.meta", "checkpoint")
+GPT2_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+FLAG = re.compile(r"--|-[a-zA-Z]")  # what fire takes for a flag rather than a value
 TRIES = 5  # attempts in a row that receive nothing; an attempt that gets bytes resets the count
 CHUNK = 64 * 1024
 TIMEOUT_SECONDS = (15, 60)  # connect, and between two reads
@@ -46,9 +56,10 @@ def _discard(path):
         os.remove(path)
 
 
-def fetch_file(session, url, path, filename):
+def fetch_file(session, url, path, filename, size=None):
     """Downloads `url` to `path` through `path.part`, resuming a partial file and retrying
-    transient errors. The final name appears only once the size matches the server's."""
+    transient errors. The final name appears only once the size matches the server's (or `size`,
+    when the server gives none) and the content passes `_problem`; a part that fails is deleted."""
     import requests
 
     part = path + ".part"
@@ -56,7 +67,12 @@ def fetch_file(session, url, path, filename):
     while True:
         before = _size(part)
         try:
-            _fetch_once(session, url, part, filename)
+            _fetch_once(session, url, part, filename, size)
+            problem = _problem(part, filename, size)
+            if problem:
+                _discard(part)
+                raise cli.UserError(f"{filename} from {url} {problem}: check GPT2_BASE_URL (or your proxy) "
+                                    "and run the same command again")
             os.replace(part, path)
             return
         except TransientError as e:
@@ -95,8 +111,9 @@ def _received(response):
         raise TransientError(f"connection lost ({type(e).__name__})") from None
 
 
-def _fetch_once(session, url, part, filename):
-    """One GET that appends to `part` (or restarts it); raises TransientError unless `part` ends whole."""
+def _fetch_once(session, url, part, filename, size=None):
+    """One GET that appends to `part` (or restarts it); raises TransientError unless `part` ends whole
+    (as long as the server says, or else `size` if given)."""
     from tqdm import tqdm
 
     have = _size(part)
@@ -112,7 +129,7 @@ def _fetch_once(session, url, part, filename):
             _discard(part)
             raise TransientError("the partial file is longer than the server's; starting it again")
         length = response.headers.get("Content-Length")
-        total = int(length) if length is not None and length.isdigit() else None
+        total = int(length) if length is not None and length.isdigit() else size
         if response.status_code == 206:
             match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range.strip())
             if not match or int(match.group(1)) != have:
@@ -127,9 +144,83 @@ def _fetch_once(session, url, part, filename):
             for chunk in _received(response):
                 f.write(chunk)
                 bar.update(len(chunk))
-    size = _size(part)
-    if total is not None and size != total:
-        raise TransientError(f"got {size} of {total} bytes")
+    got = _size(part)
+    if total is not None and got != total:
+        raise TransientError(f"got {got} of {total} bytes")
+
+
+def _problem(path, filename, size=None):
+    """What is wrong with `path` as the released `filename`, as a phrase ("is not JSON (...)"), or None.
+    `size` is the data file's size that the index needs."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if re.match(rb"\s*<(!doctype html|html)", head, re.IGNORECASE):
+        return "is a web page"
+    if filename == DATA:  # gigabytes: its size is the check
+        have = os.path.getsize(path)
+        return None if size is None or have == size else f"is {have} bytes, but {INDEX} needs {size}"
+    if filename == INDEX:
+        try:
+            _data_size(path)
+        except ValueError as e:
+            return f"is not a checkpoint index TensorFlow can read ({e})"
+        return None
+    with open(path, "rb") as f:
+        content = f.read()
+    if filename.endswith(".json"):
+        try:
+            value = json.loads(content.decode("utf-8"))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+            return f"is not JSON ({e})"
+        if not isinstance(value, dict):
+            return "is not a JSON object"
+        missing = [key for key in GPT2_KEYS if key not in value] if filename == "hparams.json" else []
+        if missing:
+            return f"lacks the GPT-2 settings {', '.join(missing)}"
+    elif filename in ("vocab.bpe", "checkpoint"):
+        first = b"#version" if filename == "vocab.bpe" else b"model_checkpoint_path:"
+        if not content.startswith(first):
+            return f"does not start with {first.decode()}"
+        if not content.endswith(b"\n"):
+            return "ends mid-line (cut short)"  # as a body with no length to check against most likely does
+    elif filename == "model.ckpt.meta":
+        from google.protobuf.message import DecodeError
+
+        try:
+            cli.import_tensorflow().compat.v1.MetaGraphDef.FromString(content)
+        except DecodeError:
+            return "is not a TensorFlow graph"
+    return None
+
+
+def _data_size(index_path):
+    """The data file's size in bytes that the checkpoint index at `index_path` needs; ValueError if
+    TensorFlow cannot read the index."""
+    tf = cli.import_tensorflow()
+    with tempfile.TemporaryDirectory() as scratch:
+        # TensorFlow opens an index only by its prefix, `<prefix>.index`, which a .part is not; it
+        # reads the data file only for values, so the index alone gives the shapes.
+        shutil.copyfile(index_path, os.path.join(scratch, "model.ckpt.index"))
+        try:
+            reader = tf.train.load_checkpoint(os.path.join(scratch, "model.ckpt"))
+        except (tf.errors.OpError, ValueError) as e:
+            message = str(getattr(e, "message", e)).strip()
+            raise ValueError(message.splitlines()[0] if message else type(e).__name__) from None
+        shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+        del reader  # closes the index before its directory goes
+    return sum(math.prod(shape) * dtypes[name].size for name, shape in shapes.items())
+
+
+def _stale(session, path, url, filename, size):
+    """Why the file already at `path` must be downloaded again, or None if it is good."""
+    problem = _problem(path, filename, size)
+    if problem:
+        return problem
+    # Also catches a file left truncated by the original downloader, which wrote in place.
+    remote = _remote_size(session, url)
+    if remote is not None and remote != os.path.getsize(path):
+        return f"is {os.path.getsize(path)} bytes, the server's is {remote}"
+    return None
 
 
 def _remote_size(session, url):
@@ -155,8 +246,6 @@ def download_model(model_name, models_dir="models", base_url=None):
     Returns:
         The model directory.
     """
-    import requests
-
     name = resolve_model_name(model_name)
     if name not in SIZES:
         raise cli.UserError(f"unknown model '{model_name}': choose one of {', '.join(SIZES)}")
@@ -167,28 +256,54 @@ def download_model(model_name, models_dir="models", base_url=None):
     directory = os.path.join(os.path.expanduser(os.path.expandvars(str(models_dir))), name)
     if name != str(model_name):
         print(f"{model_name} is the old name of {name}: downloading {name} into {directory}", flush=True)
-    disk_hint = "free some disk space or pass another --models_dir, then run the same command again"
+    created = _missing_dirs(directory)
+    try:
+        _download_files(directory, f"{base_url}/models/{name}")
+    except BaseException:
+        for path in created:  # deepest first; rmdir refuses one holding anything, such as a .part to resume
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+        raise
+    return directory
+
+
+def _missing_dirs(directory):
+    """`directory` and those of its parents that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(directory)
+    while not os.path.isdir(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _download_files(directory, base_url):
+    """Downloads or checks each of FILES in `directory`, from `base_url/<file>`."""
+    import requests
+
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise cli.UserError(f"cannot create {directory} ({e.strerror}): pass another --models_dir") from None
+    disk_hint = "free some disk space or pass another --models_dir, then run the same command again"
     with requests.Session() as session:
+        data_size = None
         for filename in FILES:
             path = os.path.join(directory, filename)
-            url = f"{base_url}/models/{name}/{filename}"
-            # Final names are only made by rename after a size check, so a file here is whole;
-            # the HEAD catches one left truncated by the original downloader, which wrote in place.
-            if os.path.exists(path):
-                remote = _remote_size(session, url)
-                if remote is None or remote == os.path.getsize(path):
-                    continue
-                print(f"{path} is {os.path.getsize(path)} bytes, the server's is {remote}: downloading it again",
-                      flush=True)
+            url = f"{base_url}/{filename}"
+            size = data_size if filename == DATA else None
             try:
-                fetch_file(session, url, path, filename)
+                reason = os.path.exists(path) and _stale(session, path, url, filename, size)
+                if reason:
+                    print(f"{path} {reason}: downloading it again", flush=True)
+                    os.remove(path)  # a bad file must not outlive a download that fails
+                if not os.path.exists(path):
+                    fetch_file(session, url, path, filename, size)
             except OSError as e:
                 raise cli.UserError(f"cannot write {path} ({e.strerror}): {disk_hint}") from None
-    return directory
+            if filename == INDEX:
+                data_size = _data_size(path)
 
 
 def main(model_name=None, models_dir="models"):
@@ -204,5 +319,46 @@ def main(model_name=None, models_dir="models"):
     download_model(str(model_name), models_dir)
 
 
+def unknown_flag(fn, args):
+    """The error for the first flag in `args` (before fire's `--`) that names no parameter of `fn`, or
+    None. Fire itself would take such a flag for a call on `fn`'s result, so fail only after `fn` ran."""
+    params = inspect.signature(fn).parameters
+    known = {"help", "h", *params, *("no" + n for n, p in params.items() if isinstance(p.default, bool))}
+    for arg in args:
+        if arg == "--":
+            break  # fire's own flags follow
+        if not FLAG.match(arg):
+            continue  # a value, or a negative number
+        flag = arg.split("=", 1)[0]
+        key = flag.lstrip("-").replace("-", "_")
+        if key in known or len(key) == 1 and any(n.startswith(key) for n in params):
+            continue  # fire reads -m as the one parameter starting with m
+        close = difflib.get_close_matches(key, list(params), n=1)
+        hint = f"did you mean --{close[0]}?" if close else "the flags are " + ", ".join(f"--{n}" for n in params)
+        return f"unknown flag {flag} ({hint})"
+    return None
+
+
+def as_typed(args):
+    """`args` with every value quoted as a Python string, which fire parses back to exactly what was
+    typed; unquoted, `--models_dir 2019.10` would reach main as the float 2019.1. For entry points
+    whose parameters all take strings (main's are a name and a path)."""
+    typed = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return typed + args[i:]  # fire's own flags
+        flag, equals, value = arg.partition("=")
+        if FLAG.match(arg):
+            typed.append(flag + equals + repr(value) if equals else arg)
+        else:
+            typed.append(arg if arg == "-" else repr(arg))  # a lone - is fire's separator
+    return typed
+
+
 if __name__ == "__main__":
+    flag_error = unknown_flag(main, sys.argv[1:])
+    if flag_error:
+        print(f"error: {flag_error}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv[1:] = as_typed(sys.argv[1:])
     cli.run(main)

@@ -2,11 +2,15 @@
 import errno
 import http.server
 import importlib.util
+import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,21 +22,30 @@ _spec.loader.exec_module(dm)
 
 FILES = dm.FILES
 DATA = "model.ckpt.data-00000-of-00001"
+RELEASED = {}  # file name -> bytes of the model the server sends
+
+
+@pytest.fixture(scope="session", autouse=True)
+def released_files(tiny_models_dir):
+    """A tiny random model in the released format, so the files are real ones (~6.5 MB of data)."""
+    for name in FILES:
+        RELEASED[name] = Path(tiny_models_dir, "tiny", name).read_bytes()
 
 
 def file_bytes(name):
-    """Distinct content per file; the data file (~340 KB) arrives in several chunks."""
-    size = 5 * dm.CHUNK + 12345 if name == DATA else 1000 + len(name)
-    return bytes((i * 7 + len(name)) % 251 for i in range(size))
+    return RELEASED[name]
 
 
 class Server:
-    """Serves /models/124M/<file> with Range support. `faults` maps a file name to a list of
-    behaviours consumed one per GET: '503', '404', '500' (an HTML error page), 'drop' (close
-    half-way), 'short' (promise the whole file, send 100 bytes), 'html' (200 with a web page),
-    'norange' (ignore Range), 'stall' (send headers, then wait 1 s); an empty list serves normally."""
+    """Serves `files` (the released ones unless a test changes them) as /models/124M/<file> with
+    Range support. `faults` maps a file name to a list of behaviours consumed one per GET: '503',
+    '404', '500' (an HTML error page), 'drop' (close half-way), 'short' (promise the whole file, send
+    at most 100 bytes), 'html' (200 with a web page), 'page' (the same labelled as a binary file),
+    'cut' (no Content-Length, close half-way), 'norange' (ignore Range), 'stall' (send headers, then
+    wait 1 s); an empty list serves normally."""
 
     def __init__(self):
+        self.files = dict(RELEASED)
         self.faults = {}
         self.requests = []  # (method, path, Range header)
         self.encodings = set()  # Accept-Encoding headers seen
@@ -60,9 +73,16 @@ class Server:
                 fault = queue.pop(0) if queue else None
                 if fault in ("503", "404", "500"):
                     return self._page(int(fault), head)
-                if fault == "html":
-                    return self._page(200, head)
-                body = file_bytes(name)
+                if fault in ("html", "page"):
+                    return self._page(200, head, "text/html" if fault == "html" else "application/octet-stream")
+                body = server.files[name]
+                if fault == "cut":
+                    self.send_response(200)
+                    self.send_header("Connection", "close")  # the body ends where the connection does
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2])
+                    self.close_connection = True
+                    return
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 start = int(match.group(1)) if match and fault not in ("norange", "short") else 0
                 if start >= len(body) and match:
@@ -81,7 +101,7 @@ class Server:
                     return
                 part = body[start:]
                 if fault in ("drop", "short", "stall"):
-                    self.wfile.write(part[:len(part) // 2] if fault == "drop" else part[:100])
+                    self.wfile.write(part[:len(part) // 2] if fault == "drop" else part[:min(100, len(part) // 2)])
                     self.wfile.flush()
                     if fault == "stall":
                         time.sleep(1)
@@ -89,10 +109,10 @@ class Server:
                     return
                 self.wfile.write(part)
 
-            def _page(self, code, head):
+            def _page(self, code, head, content_type="text/html"):
                 body = b"<html><body>error page</body></html>"
                 self.send_response(code)
-                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if not head:
@@ -158,8 +178,12 @@ def assert_one_line_error(result, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
+def listing(directory):
+    return os.listdir(directory) if os.path.isdir(directory) else []
+
+
 def assert_no_error_page_saved(directory):
-    for name in os.listdir(directory):
+    for name in listing(directory):
         with open(os.path.join(directory, name), "rb") as f:
             assert b"error page" not in f.read(), name
 
@@ -358,10 +382,10 @@ def test_disk_error_is_not_retried(server, tmp_path, monkeypatch):
             self.f.close()
 
     monkeypatch.setattr(dm, "open", lambda path, mode: FullDisk(real_open(path, mode)), raising=False)
-    with pytest.raises(dm.cli.UserError, match=r"cannot write .*checkpoint \(No space left on device\): free some"):
+    with pytest.raises(dm.cli.UserError, match=rf"cannot write .*{FILES[0]} \(No space left on device\): free some"):
         dm.download_model("124M", str(tmp_path))
     assert len(server.gets()) == 1
-    assert not (tmp_path / "124M" / "checkpoint").exists()
+    assert not (tmp_path / "124M" / FILES[0]).exists()
 
 
 def test_models_dir_that_is_a_file_is_one_line(server, tmp_path):
@@ -406,9 +430,9 @@ def test_unreachable_server_is_a_one_line_error(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("GPT2_BASE_URL", f"http://127.0.0.1:{port}")
     result = run("124M", "--models_dir", tmp_path)
-    assert_one_line_error(result, rf"could not download .*/checkpoint after {dm.TRIES} tries \(ConnectionError\)"
-                                  ".*check your connection")
-    assert not os.listdir(tmp_path / "124M")
+    assert_one_line_error(result, rf"could not download .*/{re.escape(FILES[0])} after {dm.TRIES} tries "
+                                  r"\(ConnectionError\).*check your connection")
+    assert not (tmp_path / "124M").exists()
 
 
 def test_attempts_that_make_progress_do_not_count_against_the_tries(server, tmp_path):
@@ -416,3 +440,179 @@ def test_attempts_that_make_progress_do_not_count_against_the_tries(server, tmp_
     dm.download_model("124M", str(tmp_path))
     assert_complete(tmp_path / "124M")
     assert len(server.gets(DATA)) == dm.TRIES + 2
+
+
+def assert_nothing_of(directory, name):
+    """Neither `name` nor a part of it is in `directory`."""
+    assert not [n for n in listing(directory) if n.startswith(name)], listing(directory)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_web_page_labelled_as_a_file_is_refused(server, tmp_path, name):
+    server.faults[name] = ["page"]
+    with pytest.raises(dm.cli.UserError, match=rf"^{re.escape(name)} from \S+ is a web page: check GPT2_BASE_URL"):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", name)
+    assert_no_error_page_saved(tmp_path / "124M")
+
+
+@pytest.mark.parametrize("name", ["hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.index", "model.ckpt.meta",
+                                  "checkpoint"])
+def test_body_cut_short_without_a_length_is_refused(server, tmp_path, name):
+    server.faults[name] = ["cut"]
+    refused = rf"^{re.escape(name)} from \S+ (is not|ends mid-line).*: check GPT2_BASE_URL"
+    with pytest.raises(dm.cli.UserError, match=refused):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", name)
+
+
+def test_data_cut_short_without_a_length_is_resumed_to_the_size_the_index_needs(server, tmp_path):
+    server.faults[DATA] = ["cut"]
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(tmp_path / "124M")
+    assert [rng for _, rng in server.gets(DATA)] == [None, f"bytes={len(file_bytes(DATA)) // 2}-"]
+
+
+def test_data_file_of_another_size_than_the_index_needs_is_refused(server, tmp_path):
+    need = len(file_bytes(DATA))
+    server.files[DATA] = file_bytes(DATA)[:-4]  # with a Content-Length that agrees
+    with pytest.raises(dm.cli.UserError, match=rf"{DATA} from \S+ is {need - 4} bytes, but {dm.INDEX} needs {need}:"):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", DATA)
+
+
+def test_hparams_without_the_gpt2_settings_is_refused(server, tmp_path):
+    server.files["hparams.json"] = json.dumps({"n_vocab": 50257, "n_ctx": 1024}).encode()
+    refused = r"hparams.json from \S+ lacks the GPT-2 settings n_embd, n_head, n_layer:"
+    with pytest.raises(dm.cli.UserError, match=refused):
+        dm.download_model("124M", str(tmp_path))
+    assert_nothing_of(tmp_path / "124M", "hparams.json")
+
+
+@pytest.mark.parametrize("name, fault, problem", [("encoder.json", "page", "is a web page"),
+                                                  ("model.ckpt.index", "cut", "is not a checkpoint index")])
+def test_bad_content_is_a_one_line_error_with_status_2(server, tmp_path, name, fault, problem):
+    server.faults[name] = [fault]
+    result = run("124M", "--models_dir", tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, rf"^error: {re.escape(name)} from \S+ {problem}.*: check GPT2_BASE_URL")
+
+
+def same_size_garbage(name):
+    return b"<html>" + b" " * (len(file_bytes(name)) - 6)
+
+
+def test_bad_files_already_there_are_downloaded_again(server, tmp_path):
+    dm.download_model("124M", str(tmp_path))
+    bad = ["encoder.json", "model.ckpt.index", "model.ckpt.meta"]
+    for name in bad:  # the same sizes as the server's, so a size check passes them
+        (tmp_path / "124M" / name).write_bytes(same_size_garbage(name))
+    count = len(server.gets())
+    dm.download_model("124M", str(tmp_path))
+    assert_complete(tmp_path / "124M")
+    assert sorted(path for path, _ in server.gets()[count:]) == sorted(f"/models/124M/{name}" for name in bad)
+
+
+def test_bad_file_already_there_is_removed_when_the_server_is_unreachable(server, tmp_path):
+    dm.download_model("124M", str(tmp_path))
+    (tmp_path / "124M" / "vocab.bpe").write_bytes(b"not a vocabulary\n")
+    server.close()
+    with pytest.raises(dm.cli.UserError, match=r"could not download .*/vocab.bpe after"):
+        dm.download_model("124M", str(tmp_path))
+    assert not (tmp_path / "124M" / "vocab.bpe").exists()
+
+
+def test_help_is_plain_and_does_not_load_tensorflow():
+    code = ("import runpy, sys\nsys.argv = [sys.argv[1], '--help']\ntry:\n    runpy.run_path(sys.argv[0], "
+            "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, os.path.join(REPO_ROOT, "download_model.py")],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert "--models_dir" in result.stdout + result.stderr  # fire printed the help
+    assert "GROUP" not in result.stdout + result.stderr  # no attribute of main shown as a command
+    assert result.stdout.splitlines()[-1] == "False", result.stderr
+
+
+def test_failed_run_removes_the_directories_it_made_and_left_empty(server, tmp_path):
+    server.faults[FILES[0]] = ["404"]
+    with pytest.raises(dm.cli.UserError, match="not found"):
+        dm.download_model("124M", str(tmp_path / "new" / "models"))
+    assert not os.listdir(tmp_path)
+
+
+def test_failed_run_keeps_a_directory_that_was_there(server, tmp_path):
+    (tmp_path / "124M").mkdir()
+    server.faults[FILES[0]] = ["404"]
+    with pytest.raises(dm.cli.UserError, match="not found"):
+        dm.download_model("124M", str(tmp_path))
+    assert (tmp_path / "124M").is_dir()
+
+
+def test_failed_run_keeps_a_directory_with_a_part_to_resume(server, tmp_path):
+    server.faults[FILES[0]] = ["short"] * (dm.TRIES + 1)
+    with pytest.raises(dm.cli.UserError, match="after"):
+        dm.download_model("124M", str(tmp_path))
+    assert os.listdir(tmp_path / "124M") == [FILES[0] + ".part"]
+
+
+def run_in(cwd, *args):
+    """The script run from `cwd`, where relative paths (and the default ./models) land."""
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "download_model.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONIOENCODING="utf-8"))
+
+
+def test_mistyped_flag_fails_before_any_work(server, tmp_path):
+    result = run_in(tmp_path, "124M", "--model_dir", "elsewhere")
+    assert result.returncode == 2
+    assert_one_line_error(result, r"^error: unknown flag --model_dir \(did you mean --models_dir\?\)$")
+    assert not server.requests
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("args", [["124M"], ["124M", "--models_dir", "x"], ["--models_dir=x", "124M"],
+                                  ["--models-dir", "x", "124M"], ["--model_name", "124M"], ["--help"], ["-h"],
+                                  ["124M", "-models_dir", "x"], ["124M", "--", "--verbose"],
+                                  ["124M", "--models_dir", "-5"]])
+def test_real_flags_pass_the_check(args):
+    assert dm.unknown_flag(dm.main, args) is None
+
+
+@pytest.mark.parametrize("args, error", [
+    (["124M", "--model_dir", "x"], "unknown flag --model_dir (did you mean --models_dir?)"),
+    (["--modelname=124M"], "unknown flag --modelname (did you mean --model_name?)"),
+    (["124M", "-model_dir", "x"], "unknown flag -model_dir (did you mean --models_dir?)"),
+    (["124M", "--frobnicate"], "unknown flag --frobnicate (the flags are --model_name, --models_dir)"),
+])
+def test_unknown_flags_are_named_with_the_nearest_real_one(args, error):
+    assert dm.unknown_flag(dm.main, args) == error
+
+
+def test_no_prefix_is_a_flag_only_for_booleans():
+    def entry(name, verbose=False):
+        pass
+
+    assert dm.unknown_flag(entry, ["--noverbose"]) is None
+    assert dm.unknown_flag(entry, ["--noname"]) is not None
+
+
+@pytest.mark.parametrize("args, models_dir", [(["--models_dir", "2019"], "2019"), (["--models_dir=2019.10"], "2019.10"),
+                                              (["1_000"], "1_000")])
+def test_models_dir_that_looks_like_a_number_is_taken_as_typed(server, tmp_path, args, models_dir):
+    result = run_in(tmp_path, "124M", *args)
+    assert result.returncode == 0, result.stderr
+    assert_complete(tmp_path / models_dir / "124M")
+    assert os.listdir(tmp_path) == [models_dir]
+
+
+@pytest.mark.parametrize("value", ["2019.10", "1_000", "0x10", "[a]", "it's \"x\"", "-5", "C:\\models", "ü", ""])
+def test_values_quoted_for_fire_parse_back_to_what_was_typed(value):
+    from fire.parser import DefaultParseValue
+
+    flag, positional = dm.as_typed([f"--models_dir={value}", value])
+    assert DefaultParseValue(flag.split("=", 1)[1]) == value
+    assert DefaultParseValue(positional) == value
+
+
+def test_only_values_are_quoted():
+    args = ["--models_dir", "-h", "--help", "-", "--", "--verbose", "x"]
+    assert dm.as_typed(args) == args
