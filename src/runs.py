@@ -8,7 +8,7 @@ name and renames it; until `checkpoint` is replaced, readers see the previous co
 """
 import os
 import re
-import tempfile
+import secrets
 
 import cli  # noqa: F401  (sets TensorFlow's environment before TensorFlow loads)
 import tensorflow as tf
@@ -21,9 +21,11 @@ STEP_PREFIX = re.compile(r"^model-(\d+)$")
 
 
 def write_atomically(path, text):
-    """Writes `text` to `path` through a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    """Writes `text` to `path` through a temporary file in the same directory and a rename. The
+    file gets the mode the user's umask gives, as TensorFlow's bundles do."""
+    directory, base = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

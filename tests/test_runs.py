@@ -1,5 +1,7 @@
-"""Run directories: loadable as model directories, atomic saves, rotation, optimizer state."""
+"""Run directories: loadable as model directories, atomic saves, rotation, optimizer state,
+file modes."""
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -92,3 +94,17 @@ def test_optimizer_state_round_trips(setup):
     sgd = trainer.Trainer(trainer.build_model(HP, checkpoint.random_weights(HP), strategy), strategy, optimizer="sgd")
     assert runs.restore_optimizer(run_dir, 2, sgd.optimizer)  # no slots to restore: only the step count
     assert not runs.restore_optimizer(run_dir, 3, other.optimizer)
+
+
+def test_run_directory_files_get_the_umask_as_the_weights_do(setup):
+    t, run_dir = setup
+    masked = os.path.join(os.path.dirname(run_dir), "masked")  # `setup` prepared run_dir under the usual umask
+    previous = os.umask(0o027)
+    try:
+        runs.prepare(masked, DEFAULT_VOCAB_DIR, HP)
+        runs.save(masked, 1, t.lm, t.optimizer)
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(masked, name)).st_mode) for name in os.listdir(masked)}
+    assert {"hparams.json", "encoder.json", "vocab.bpe", "checkpoint", "counter", "model-1.index"} <= set(modes)
+    assert set(modes.values()) == {0o640}, modes
