@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, SRC_DIR, run_script
+from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
 
 CORPUS = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the door."
 STEP_LINE = re.compile(r"^\[(\d+) \| (\d+\.\d\d)\] loss=(\d+\.\d\d) avg=(\d+\.\d\d)$", re.M)
@@ -30,6 +30,25 @@ def train(tiny_models_dir, tmp_path, *args, env=None):
 
 def losses(stdout):
     return [(int(m.group(1)), float(m.group(3))) for m in STEP_LINE.finditer(stdout)]
+
+
+def start_training(tiny_models_dir, tmp_path, corpus, *args, preexec_fn=sigint_as_at_a_terminal):
+    """train.py as a child process whose stdout and stderr pipes the test reads (or closes)."""
+    command = [sys.executable, os.path.join(SRC_DIR, "train.py"), "--dataset", corpus, "--model_name", "tiny",
+               "--models_dir", tiny_models_dir, "--checkpoint_dir", str(tmp_path / "checkpoint"),
+               "--sample_dir", str(tmp_path / "samples"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), preexec_fn=preexec_fn)
+
+
+def assert_loadable_save(tmp_path, least_step):
+    """Checks that run1's newest save is at `least_step` or later, listed and loadable; returns its step."""
+    run = tmp_path / "checkpoint" / "run1"
+    step = int((run / "counter").read_text())
+    assert step >= least_step and f'model_checkpoint_path: "model-{step}"' in (run / "checkpoint").read_text()
+    import model
+    assert model.load_model("run1", str(tmp_path / "checkpoint")).hparams.n_ctx == 64
+    return step
 
 
 def test_memorises_a_small_corpus_and_the_run_directory_samples_it_back(tiny_models_dir, tmp_path, corpus):
@@ -89,6 +108,26 @@ def test_ctrl_c_stops_after_the_step_and_saves_a_loadable_checkpoint(tiny_models
     import model
     lm = model.load_model("run1", str(tmp_path / "checkpoint"))
     assert lm.hparams.n_ctx == 64
+
+
+def test_a_full_disk_during_a_save_is_a_one_line_error_and_the_previous_save_stays(tiny_models_dir, tmp_path,
+                                                                                     corpus):
+    first = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "checkpoint" / "run1"
+    files = sorted(os.listdir(run))
+
+    def small_files_only():  # writes past 1 MB fail (EFBIG) as on a full disk; the tiny model's weights are 6 MB
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+    process = start_training(tiny_models_dir, tmp_path, corpus, "--max_steps", "3", "--sample_every", "0",
+                             preexec_fn=small_files_only)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 2, stderr
+    assert re.fullmatch(r"error: cannot save .*model-3: File too large; .*resume from model-1.*\n", stderr), stderr
+    assert sorted(os.listdir(run)) == files  # no temporary or unlisted files
+    assert assert_loadable_save(tmp_path, 1) == 1
 
 
 def test_two_mirrored_devices_match_one_device(tiny_models_dir, tmp_path, corpus):
