@@ -9,7 +9,10 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 import runs
+import sample
 
 
 @dataclasses.dataclass
@@ -72,6 +75,7 @@ def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batch
     step, saved, losses = start_step, start_step, []
     average = [0.0, 0.0]  # the fork's decaying loss average: (weighted sum, weight)
     start = time.time()
+    sampler = None
 
     def save():
         nonlocal saved
@@ -95,22 +99,22 @@ def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batch
             if schedule.save_every and step % schedule.save_every == 0:
                 save()
             if schedule.sample_every and schedule.sample_num and step % schedule.sample_every == 0 and writer:
-                write_samples(lm, encoder, schedule, step, out)
+                if sampler is None:
+                    sampler = sample.Sampler(lm)  # one per run: each new one traces the decode loop again
+                write_samples(sampler, encoder, schedule, step, out)
     save()
     return losses
 
 
-def write_samples(lm, encoder, schedule, step, out=sys.stdout):
-    """Generates `sample_num` unconditional samples (each starts from <|endoftext|>), prints them
-    and writes them to `sample_dir/samples-<step>`."""
-    import api
-
-    model = api.Model(lm, encoder)
+def write_samples(sampler, encoder, schedule, step, out=sys.stdout):
+    """Generates `sample_num` unconditional samples (each starts from <|endoftext|>) with a
+    `sample.Sampler`, prints them and writes them to `sample_dir/samples-<step>`."""
     texts = []
     for first in range(0, schedule.sample_num, schedule.batch_size):
         rows = min(schedule.batch_size, schedule.sample_num - first)
-        texts += model.generate([[encoder.eot_token]] * rows, schedule.sample_length, top_k=schedule.top_k,
-                                top_p=schedule.top_p, seed=step * 1000 + first)
+        chunks = sampler.generate([[encoder.eot_token]] * rows, schedule.sample_length, top_k=schedule.top_k,
+                                  top_p=schedule.top_p, seed=step * 1000 + first)
+        texts += [encoder.decode(row) for row in np.concatenate(list(chunks), axis=1)]
     report = "".join(f"{'=' * 8} SAMPLE {i + 1} {'=' * 8}\n{text}\n" for i, text in enumerate(texts))
     print(report, file=out, end="", flush=True)
     if schedule.sample_dir:
