@@ -32,32 +32,40 @@ class Schedule:
     sample_dir: str = None  # where samples-<step> files go (None: printed only)
 
 
-class _StopOnSigint:
-    """The first Ctrl-C asks the loop to stop after the current step and save; a second one
-    interrupts at once (the previous save stays loadable)."""
+class _StopOnSignals:
+    """The first Ctrl-C or SIGTERM (how schedulers, `docker stop` and `timeout` end a job) asks the
+    loop to stop after the current step and save; the run then ends normally (exit status 0). A
+    second one interrupts at once (the previous save stays loadable). A signal the process was
+    started ignoring (a background job's SIGINT) stays ignored."""
+
+    SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("interrupted: finishing this step, then saving (Ctrl-C again to quit without saving)",
+        for other in self._previous:
+            signal.signal(other, signal.default_int_handler if other == signal.SIGINT else signal.SIG_DFL)
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"{self.SIGNALS[signum]}: finishing this step, then saving ({again} again to quit without saving)",
               file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batches=(), out=sys.stdout):
-    """Trains until `schedule.max_steps` or Ctrl-C, then saves; returns the losses of the steps run.
+    """Trains until `schedule.max_steps`, Ctrl-C or SIGTERM, then saves; returns the losses of the steps run.
 
     Args:
         trainer: A `trainer.Trainer`.
@@ -84,7 +92,7 @@ def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batch
             runs.save(run_dir, step, lm, trainer.optimizer, schedule.max_to_keep)
         saved = step
 
-    with _StopOnSigint() as stop:
+    with _StopOnSignals() as stop:
         while not stop.requested and not (schedule.max_steps and step >= schedule.max_steps):
             batches = [data.batch(schedule.batch_size, window) for _ in range(trainer.accumulate)]
             loss = trainer.train_step(batches, step)
@@ -102,7 +110,7 @@ def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batch
                 if sampler is None:
                     sampler = sample.Sampler(lm)  # one per run: each new one traces the decode loop again
                 write_samples(sampler, encoder, schedule, step, out)
-    save()
+        save()  # still under the handlers: a first signal now does not cut the save short
     return losses
 
 

@@ -32,7 +32,7 @@ HELP = dict(
     sample_every="Print and save samples every this many steps (0: never).",
     sample_length="Tokens per sample (default: 1023, or n_ctx - 1 for models with a shorter window).",
     sample_num="Samples each time.",
-    save_every="Save every this many steps (and always at the end and on Ctrl-C).",
+    save_every="Save every this many steps (and always at the end, on Ctrl-C and on SIGTERM).",
     val_dataset="Validation text, like --dataset (default: no validation).",
     val_batch_size="Windows per validation batch.",
     val_batch_count="Validation batches, drawn once at the start.",
@@ -48,7 +48,8 @@ HELP = dict(
 )
 
 
-@cli.documented("Fine-tunes a GPT-2 model on your text; Ctrl-C stops it and saves.", **HELP)
+@cli.documented("Fine-tunes a GPT-2 model on your text. Ctrl-C or SIGTERM stops it after the step and saves "
+                "(exit status 0).", **HELP)
 def train(dataset=None, model_name="124M", models_dir="models", run_name="run1", checkpoint_dir="checkpoint",
           sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=2e-5,
           accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
