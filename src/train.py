@@ -5,6 +5,7 @@ Saves go to `checkpoint/<run_name>/`, a complete model directory: sample from it
 `--models_dir checkpoint --model_name <run_name>`.
 """
 import os
+import sys
 
 import cli
 from cli import UserError
@@ -49,7 +50,7 @@ HELP = dict(
 
 
 @cli.documented("Fine-tunes a GPT-2 model on your text. Ctrl-C or SIGTERM stops it after the step and saves "
-                "(exit status 0).", **HELP)
+                "(exit status 0); a closed standard output (| head) stops the printing, not the training.", **HELP)
 def train(dataset=None, model_name="124M", models_dir="models", run_name="run1", checkpoint_dir="checkpoint",
           sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=2e-5,
           accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
@@ -85,6 +86,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     import sample
     import trainer as trainer_lib
 
+    out = finetune.Output(sys.stdout)
     api.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
@@ -100,10 +102,10 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     enc = encoder_lib.Encoder.from_dir(source_dir)
     seed = sample.new_seed(seed)
 
-    print("Loading dataset...", flush=True)
+    out.print("Loading dataset...")
     data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, dataset, combine, encoding), seed=seed)
     window = data.window_length(hp.n_ctx)
-    print(f"dataset has {data.total_tokens} tokens; training on windows of {window} tokens", flush=True)
+    out.print(f"dataset has {data.total_tokens} tokens; training on windows of {window} tokens")
     val_batches = []
     if val_dataset and val_every:
         val_data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, val_dataset, combine, encoding), seed=1)
@@ -119,15 +121,16 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     if val_batches:
         trainer.check_batch_size(val_batch_size)
     if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer):
-        print(f"Resuming {run_dir} at step {start_step} with its optimizer state", flush=True)
+        out.print(f"Resuming {run_dir} at step {start_step} with its optimizer state")
     if strategy.extended.should_checkpoint:  # under multi-worker training, only the chief writes
         runs.prepare(run_dir, source_dir, hp)
     schedule = finetune.Schedule(
         batch_size=batch_size, sample_every=sample_every, sample_length=sample_length, sample_num=sample_num,
         top_k=top_k, top_p=top_p, save_every=save_every, val_every=val_every, max_steps=max_steps or 0,
         max_to_keep=max_to_keep, sample_dir=os.path.join(os.path.expanduser(sample_dir), run_name))
-    print("Training...", flush=True)
-    finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches)
+    out.print("Training...")
+    finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches,
+                       out=out)
 
 
 def resolve_start(restore_from, run_dir, model_name, models_dir):

@@ -116,6 +116,28 @@ def test_sigterm_stops_after_the_step_and_saves_as_ctrl_c_does(tiny_models_dir, 
     assert f"Saving {tmp_path / 'checkpoint' / 'run1' / f'model-{step}'}" in stdout
 
 
+@pytest.mark.parametrize("stop", ["max_steps", "ctrl_c"])
+def test_a_closed_stdout_never_costs_the_run(tiny_models_dir, tmp_path, corpus, stop):
+    # As `train.py | head -n 2`, or `train.py | tee log` ended by the Ctrl-C that also stops training.
+    options = ["--sample_every", "2", "--sample_length", "4", "--save_every", "1000000"]
+    process = start_training(tiny_models_dir, tmp_path, corpus, *options,
+                             *(["--max_steps", "6"] if stop == "max_steps" else []))
+    if stop == "max_steps":
+        assert process.stdout.readline().startswith("Loading dataset")
+        process.stdout.readline()
+    else:
+        assert read_until(process.stdout, "[3 |").startswith("[3 |")
+    process.stdout.close()
+    if stop == "ctrl_c":
+        process.send_signal(signal.SIGINT)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "standard output is closed" in stderr
+    step = assert_loadable_save(tmp_path, 6 if stop == "max_steps" else 3)
+    if stop == "max_steps":
+        assert step == 6 and (tmp_path / "samples" / "run1" / "samples-6").exists()
+
+
 def test_a_full_disk_during_a_save_is_a_one_line_error_and_the_previous_save_stays(tiny_models_dir, tmp_path,
                                                                                      corpus):
     first = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0")
