@@ -13,7 +13,7 @@ from cli import UserError
 HELP = dict(
     dataset="Training text: a file, a directory, a glob, or .npz files made by encode.py.",
     model_name="Model to start from, under models_dir: 124M, 355M, 774M, 1558M.",
-    run_name="Run directory name under checkpoint_dir (and sample_dir).",
+    run_name="Run directory name under checkpoint_dir (and sample_dir): one folder name, no / or ..",
     checkpoint_dir="Where run directories go.",
     sample_dir="Where samples-<step> files go, under <sample_dir>/<run_name>.",
     combine="Join text files, separated by <|endoftext|>, into chunks of at least this many characters "
@@ -75,6 +75,8 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         raise UserError(f"--top_p must be in (0, 1] (0 or 1: off), got {top_p!r}")
     if optimizer not in ("adam", "sgd"):
         raise UserError(f"--optimizer must be adam or sgd, got {optimizer!r}")
+    run_name = check_run_name(run_name)
+    run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
 
     cli.import_tensorflow()
     import api
@@ -90,7 +92,6 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     api.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
-    run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
     source_dir, prefix, start_step = resolve_start(restore_from, run_dir, model_name, models_dir)
     hp = checkpoint.load_hparams(source_dir)
     if sample_length is None:
@@ -131,6 +132,16 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     out.print("Training...")
     finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches,
                        out=out)
+
+
+def check_run_name(run_name):
+    """`run_name` as a str when it is one folder name, else a UserError: a run stays inside
+    --checkpoint_dir and --sample_dir."""
+    name = str(run_name) if isinstance(run_name, int) and not isinstance(run_name, bool) else run_name
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise UserError(f"--run_name must be one folder name (not empty, no /, \\ or ..), got {run_name!r}")
+    return name
 
 
 def resolve_start(restore_from, run_dir, model_name, models_dir):

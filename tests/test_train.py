@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+import train as train_script
+from cli import UserError
 from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
 
 CORPUS = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the door."
@@ -247,3 +249,23 @@ def test_empty_and_too_small_datasets_are_one_line_errors(tiny_models_dir, tmp_p
         assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     missing = train(tiny_models_dir, tmp_path)
     assert missing.returncode == 2 and "--dataset is required" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/tmp/elsewhere", "a/b", "a\\b", "..", ".", ""])
+def test_a_run_name_is_one_folder_name(name):
+    with pytest.raises(UserError, match="--run_name must be one folder name"):
+        train_script.check_run_name(name)
+
+
+def test_good_run_names_pass_as_strings():
+    names = ["run1", "my run.v2", "..x", 7]  # 7: fire reads --run_name 7 as an int
+    assert [train_script.check_run_name(n) for n in names] == ["run1", "my run.v2", "..x", "7"]
+
+
+@pytest.mark.parametrize("name", ["../escaped", ""])
+def test_a_run_name_outside_the_checkpoint_directory_is_refused_before_anything_is_written(
+        tiny_models_dir, tmp_path, corpus, name):
+    result = train(tiny_models_dir, tmp_path / "work", "--dataset", corpus, "--run_name", name, "--max_steps", "1")
+    assert result.returncode == 2 and "--run_name must be one folder name" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "work").exists()
