@@ -77,6 +77,10 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         raise UserError(f"--optimizer must be adam or sgd, got {optimizer!r}")
     run_name = check_run_name(run_name)
     run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
+    check_directory("checkpoint_dir", run_dir)
+    samples_dir = os.path.join(os.path.expanduser(sample_dir), run_name)
+    if sample_every and sample_num:
+        check_directory("sample_dir", samples_dir)
 
     cli.import_tensorflow()
     import api
@@ -128,7 +132,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     schedule = finetune.Schedule(
         batch_size=batch_size, sample_every=sample_every, sample_length=sample_length, sample_num=sample_num,
         top_k=top_k, top_p=top_p, save_every=save_every, val_every=val_every, max_steps=max_steps or 0,
-        max_to_keep=max_to_keep, sample_dir=os.path.join(os.path.expanduser(sample_dir), run_name))
+        max_to_keep=max_to_keep, sample_dir=samples_dir)
     out.print("Training...")
     finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches,
                        out=out)
@@ -142,6 +146,17 @@ def check_run_name(run_name):
             or os.path.isabs(name)):
         raise UserError(f"--run_name must be one folder name (not empty, no /, \\ or ..), got {run_name!r}")
     return name
+
+
+def check_directory(flag, path):
+    """A UserError when `path`, or the nearest part of it that exists, is not a directory: caught
+    before training rather than at the first save or sample."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        also = " or --run_name" if probe == os.path.abspath(path) else ""
+        raise UserError(f"{probe} is a file, so {path} cannot be a directory: choose another --{flag}{also}")
 
 
 def resolve_start(restore_from, run_dir, model_name, models_dir):

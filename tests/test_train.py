@@ -269,3 +269,15 @@ def test_a_run_name_outside_the_checkpoint_directory_is_refused_before_anything_
     assert result.returncode == 2 and "--run_name must be one folder name" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint_dir", "--sample_dir"])
+def test_a_directory_flag_naming_a_file_is_a_one_line_error_before_training(tiny_models_dir, tmp_path, corpus, flag):
+    taken = tmp_path / "taken"
+    taken.write_text("mine", encoding="utf-8")
+    for value in (taken, taken / "below"):
+        result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", flag, str(value))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {taken} is a file") and flag in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert taken.read_text(encoding="utf-8") == "mine"
