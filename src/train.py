@@ -93,10 +93,14 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     import trainer as trainer_lib
 
     out = finetune.Output(sys.stdout)
+    source_dir, prefix, start_step = resolve_start(restore_from, run_dir, model_name, models_dir)
+    if max_steps and start_step >= max_steps:
+        out.print(f"{run_dir} is already at step {start_step} and --max_steps is {max_steps}: nothing to do "
+                  "(raise --max_steps to train further)")
+        return
     api.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
-    source_dir, prefix, start_step = resolve_start(restore_from, run_dir, model_name, models_dir)
     hp = checkpoint.load_hparams(source_dir)
     if sample_length is None:
         sample_length = min(1023, hp.n_ctx - 1)

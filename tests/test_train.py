@@ -1,4 +1,5 @@
-"""train.py end to end on the tiny model: memorising, resuming, Ctrl-C, devices, bad input."""
+"""train.py end to end on the tiny model: memorising, resuming, Ctrl-C and SIGTERM, a closed stdout, a full
+disk, devices, bad input."""
 import json
 import os
 import re
@@ -91,6 +92,12 @@ def test_restarting_with_latest_continues_the_count_and_the_optimizer(tiny_model
     assert [s for s, _ in losses(second.stdout)] == [4, 5]
     assert "at step 3 with its optimizer state" in second.stdout
     run = tmp_path / "checkpoint" / "run1"
+    assert (run / "counter").read_text().strip() == "5"
+    # At step 5 already: nothing to do, said before the data set loads (this one would not).
+    done = train(tiny_models_dir, tmp_path, "--dataset", "nowhere/*.txt", "--max_steps", "4")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"{run} is already at step 5 and --max_steps is 4: nothing to do "
+                                   "(raise --max_steps to train further)")
     assert (run / "counter").read_text().strip() == "5"
     fresh = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0",
                   "--restore_from", "fresh")
