@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Pre-encodes a text corpus to an .npz of token chunks, which train.py loads without encoding again."""
 import os
+import re
 
 import cli
 import dataset
@@ -27,13 +28,18 @@ def npz_path(out_npz):
 
 def write_npz(path, chunks):
     """Writes `chunks` as arr_0, arr_1, ... (the fork's layout) under a temporary name in the same
-    directory, then renames it: `path` is never half-written."""
+    directory, then renames it: `path` is never half-written. Temporary files that earlier,
+    killed, runs left for `path` are removed."""
     import numpy as np
 
-    parent = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    parent, base = os.path.split(os.path.abspath(path))
+    temp = os.path.join(parent, f".{base}.{os.getpid()}.tmp")
+    leftover = re.compile(re.escape(f".{base}.") + r"\d+\.tmp$")
     try:
         os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):
+            if leftover.match(name):
+                os.remove(os.path.join(parent, name))
         with open(temp, "wb") as f:
             np.savez_compressed(f, *chunks)
         os.replace(temp, path)

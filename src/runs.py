@@ -2,13 +2,14 @@
 released format, so every sampling script loads it with `--models_dir checkpoint --model_name <run_name>`.
 
 A save writes `model-<step>.{index,data-00000-of-00001}` (the model's variables under their TF1
-names), `optimizer-<step>.*` (the optimizer's state, for resuming), `counter`, and last the
-`checkpoint` file that names the newest save. TensorFlow writes each bundle under a temporary
+names), `optimizer-<step>.*` (the optimizer's state, for resuming), then the `checkpoint` file
+that names the newest save, and last `counter`. TensorFlow writes each bundle under a temporary
 name and renames it; until `checkpoint` is replaced, readers see the previous complete save.
+What a killed or failed save leaves behind is removed by the next `prepare` of the directory.
 """
 import os
 import re
-import tempfile
+import secrets
 
 
 from checkpoint import to_checkpoint_layout, to_model_layout
@@ -17,12 +18,18 @@ from encoder import VOCAB_FILES
 from runtime import tf
 
 STEP_PREFIX = re.compile(r"^model-(\d+)$")
+# A bundle's files, and TensorFlow's temporary names for them (`<file>.tempstate<digits>`).
+BUNDLE_FILE = re.compile(r"^(model|optimizer)-(\d+)\.(index|data-\d+-of-\d+)(\.tempstate\d+)?$")
+# write_atomically's temporary names.
+TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 
 
 def write_atomically(path, text):
-    """Writes `text` to `path` through a temporary file in the same directory and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    """Writes `text` to `path` through a temporary file in the same directory and a rename. The
+    file gets the mode the user's umask gives, as TensorFlow's bundles do."""
+    directory, base = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -34,8 +41,10 @@ def write_atomically(path, text):
 
 
 def prepare(run_dir, source_dir, hparams):
-    """Creates `run_dir` with the model's hparams.json and vocabulary, copied from `source_dir`."""
+    """Creates `run_dir` with the model's hparams.json and vocabulary, copied from `source_dir`,
+    and removes what an interrupted save left there."""
     os.makedirs(run_dir, exist_ok=True)
+    remove_leftovers(run_dir)
     write_atomically(os.path.join(run_dir, "hparams.json"), hparams.to_json())
     for name in VOCAB_FILES:
         source, target = os.path.join(source_dir, name), os.path.join(run_dir, name)
@@ -81,28 +90,59 @@ def _save_bundle(prefix, tensors):
 
 def save(run_dir, step, lm, optimizer=None, max_to_keep=5):
     """Saves the model (and optimizer) as step `step`; keeps the newest `max_to_keep` saves of
-    the model and only the newest optimizer state."""
+    the model and only the newest optimizer state. A failed write (a full disk) removes what it
+    wrote and is a UserError; the previous save stays the newest."""
     previous = [s for s in saved_steps(run_dir) if s != step]
-    _save_bundle(os.path.join(run_dir, f"model-{step}"), lm.checkpoint_weights())
-    if optimizer is not None:
-        state = {n: to_checkpoint_layout(_slot_owner(n), v.read_value()) for n, v in optimizer.slots.items()}
-        state["global_step"] = optimizer.iterations.read_value()
-        _save_bundle(os.path.join(run_dir, f"optimizer-{step}"), state)
     kept = (previous + [step])[-max(1, max_to_keep):]
-    write_atomically(os.path.join(run_dir, "counter"), f"{step}\n")
-    write_atomically(os.path.join(run_dir, "checkpoint"), "".join(
-        [f'model_checkpoint_path: "model-{step}"\n'] + [f'all_model_checkpoint_paths: "model-{s}"\n' for s in kept]))
-    for old in previous:
-        _remove_bundle(os.path.join(run_dir, f"optimizer-{old}"))
-        if old not in kept:
-            _remove_bundle(os.path.join(run_dir, f"model-{old}"))
+    try:
+        _save_bundle(os.path.join(run_dir, f"model-{step}"), lm.checkpoint_weights())
+        if optimizer is not None:
+            state = {n: to_checkpoint_layout(_slot_owner(n), v.read_value()) for n, v in optimizer.slots.items()}
+            state["global_step"] = optimizer.iterations.read_value()
+            _save_bundle(os.path.join(run_dir, f"optimizer-{step}"), state)
+        write_atomically(os.path.join(run_dir, "checkpoint"), "".join([f'model_checkpoint_path: "model-{step}"\n'] + [
+            f'all_model_checkpoint_paths: "model-{s}"\n' for s in kept]))
+        write_atomically(os.path.join(run_dir, "counter"), f"{step}\n")
+    except (OSError, tf.errors.OpError) as e:
+        if step not in saved_steps(run_dir):
+            _remove_bundle(run_dir, lambda kind, s, partial: s == step)
+        remove_leftovers(run_dir)
+        newest = latest_step(run_dir)
+        then = "run again" if newest is None else f"run again to resume from model-{newest}, the newest save"
+        raise UserError(f"cannot save {os.path.join(run_dir, f'model-{step}')}: {_reason(e)}; "
+                        f"free some space (or fix the cause), then {then}") from None
+    _remove_bundle(run_dir, lambda kind, s, partial: s in previous and (kind == "optimizer" or s not in kept))
 
 
-def _remove_bundle(prefix):
-    directory, base = os.path.split(prefix)
-    for name in os.listdir(directory):
-        if name.startswith(base + ".") and (name.endswith(".index") or ".data-" in name):
-            os.unlink(os.path.join(directory, name))
+def remove_leftovers(run_dir):
+    """Removes what a killed or failed save left in `run_dir`: temporary files, and bundles no
+    resume reads (model saves newer than the newest listed one and never listed, optimizer states
+    of other steps than the newest)."""
+    steps = saved_steps(run_dir)
+    newest = steps[-1] if steps else -1
+    _remove_bundle(run_dir, lambda kind, s, partial: partial or (
+        s != newest if kind == "optimizer" else s > newest and s not in steps))
+    for name in os.listdir(run_dir):
+        if TEMPORARY.match(name):
+            os.unlink(os.path.join(run_dir, name))
+
+
+def _remove_bundle(run_dir, chosen):
+    """Removes the bundle files for which `chosen(kind, step, partial)` holds ("model" or
+    "optimizer"; partial: a TensorFlow temporary file)."""
+    for name in os.listdir(run_dir):
+        match = BUNDLE_FILE.match(name)
+        if match and chosen(match.group(1), int(match.group(2)), bool(match.group(4))):
+            os.unlink(os.path.join(run_dir, name))
+
+
+def _reason(error):
+    """An OSError's or TensorFlow error's reason, such as 'No space left on device'."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    lines = (error.message or "").strip().splitlines()
+    # TensorFlow's form: "{{function_node ...}} <file>; <reason> [Op:SaveV2]"
+    return re.sub(r"\s*\[Op:\w+\]$", "", lines[0]).rsplit("; ", 1)[-1] if lines else type(error).__name__
 
 
 def _slot_owner(slot_name):
@@ -125,4 +165,3 @@ def restore_optimizer(run_dir, step, optimizer):
         variable.assign(to_model_layout(_slot_owner(name), reader.get_tensor(name)))
     optimizer.iterations.assign(int(reader.get_tensor("global_step")))
     return True
-

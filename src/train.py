@@ -5,6 +5,7 @@ Saves go to `checkpoint/<run_name>/`, a complete model directory: sample from it
 `--models_dir checkpoint --model_name <run_name>`.
 """
 import os
+import sys
 
 import cli
 from cli import UserError
@@ -12,7 +13,7 @@ from cli import UserError
 HELP = dict(
     dataset="Training text: a file, a directory, a glob, or .npz files made by encode.py.",
     model_name="Model to start from, under models_dir: 124M, 355M, 774M, 1558M.",
-    run_name="Run directory name under checkpoint_dir (and sample_dir).",
+    run_name="Run directory name under checkpoint_dir (and sample_dir): one folder name, no / or ..",
     checkpoint_dir="Where run directories go.",
     sample_dir="Where samples-<step> files go, under <sample_dir>/<run_name>.",
     combine="Join text files, separated by <|endoftext|>, into chunks of at least this many characters "
@@ -32,7 +33,7 @@ HELP = dict(
     sample_every="Print and save samples every this many steps (0: never).",
     sample_length="Tokens per sample (default: 1023, or n_ctx - 1 for models with a shorter window).",
     sample_num="Samples each time.",
-    save_every="Save every this many steps (and always at the end and on Ctrl-C).",
+    save_every="Save every this many steps (and always at the end, on Ctrl-C and on SIGTERM).",
     val_dataset="Validation text, like --dataset (default: no validation).",
     val_batch_size="Windows per validation batch.",
     val_batch_count="Validation batches, drawn once at the start.",
@@ -48,7 +49,8 @@ HELP = dict(
 )
 
 
-@cli.documented("Fine-tunes a GPT-2 model on your text; Ctrl-C stops it and saves.", **HELP)
+@cli.documented("Fine-tunes a GPT-2 model on your text. Ctrl-C or SIGTERM stops it after the step and saves "
+                "(exit status 0); a closed standard output (| head) stops the printing, not the training.", **HELP)
 def train(dataset=None, model_name="124M", models_dir="models", run_name="run1", checkpoint_dir="checkpoint",
           sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=2e-5,
           accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
@@ -73,6 +75,12 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         raise UserError(f"--top_p must be in (0, 1] (0 or 1: off), got {top_p!r}")
     if optimizer not in ("adam", "sgd"):
         raise UserError(f"--optimizer must be adam or sgd, got {optimizer!r}")
+    run_name = check_run_name(run_name)
+    run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
+    check_directory("checkpoint_dir", run_dir)
+    samples_dir = os.path.join(os.path.expanduser(sample_dir), run_name)
+    if sample_every and sample_num:
+        check_directory("sample_dir", samples_dir)
 
     cli.import_tensorflow()
     import api
@@ -84,11 +92,15 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     import sample
     import trainer as trainer_lib
 
+    out = finetune.Output(sys.stdout)
+    source_dir, prefix, start_step = resolve_start(restore_from, run_dir, model_name, models_dir)
+    if max_steps and start_step >= max_steps:
+        out.print(f"{run_dir} is already at step {start_step} and --max_steps is {max_steps}: nothing to do "
+                  "(raise --max_steps to train further)")
+        return
     api.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
-    run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
-    source_dir, prefix, start_step = resolve_start(restore_from, run_dir, model_name, models_dir)
     hp = checkpoint.load_hparams(source_dir)
     if sample_length is None:
         sample_length = min(1023, hp.n_ctx - 1)
@@ -99,10 +111,10 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     enc = encoder_lib.Encoder.from_dir(source_dir)
     seed = sample.new_seed(seed)
 
-    print("Loading dataset...", flush=True)
+    out.print("Loading dataset...")
     data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, dataset, combine, encoding), seed=seed)
     window = data.window_length(hp.n_ctx)
-    print(f"dataset has {data.total_tokens} tokens; training on windows of {window} tokens", flush=True)
+    out.print(f"dataset has {data.total_tokens} tokens; training on windows of {window} tokens")
     val_batches = []
     if val_dataset and val_every:
         val_data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, val_dataset, combine, encoding), seed=1)
@@ -118,15 +130,37 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     if val_batches:
         trainer.check_batch_size(val_batch_size)
     if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer):
-        print(f"Resuming {run_dir} at step {start_step} with its optimizer state", flush=True)
+        out.print(f"Resuming {run_dir} at step {start_step} with its optimizer state")
     if strategy.extended.should_checkpoint:  # under multi-worker training, only the chief writes
         runs.prepare(run_dir, source_dir, hp)
     schedule = finetune.Schedule(
         batch_size=batch_size, sample_every=sample_every, sample_length=sample_length, sample_num=sample_num,
         top_k=top_k, top_p=top_p, save_every=save_every, val_every=val_every, max_steps=max_steps or 0,
-        max_to_keep=max_to_keep, sample_dir=os.path.join(os.path.expanduser(sample_dir), run_name))
-    print("Training...", flush=True)
-    finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches)
+        max_to_keep=max_to_keep, sample_dir=samples_dir)
+    out.print("Training...")
+    finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches,
+                       out=out)
+
+
+def check_run_name(run_name):
+    """`run_name` as a str when it is one folder name, else a UserError: a run stays inside
+    --checkpoint_dir and --sample_dir."""
+    name = str(run_name) if isinstance(run_name, int) and not isinstance(run_name, bool) else run_name
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise UserError(f"--run_name must be one folder name (not empty, no /, \\ or ..), got {run_name!r}")
+    return name
+
+
+def check_directory(flag, path):
+    """A UserError when `path`, or the nearest part of it that exists, is not a directory: caught
+    before training rather than at the first save or sample."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        also = " or --run_name" if probe == os.path.abspath(path) else ""
+        raise UserError(f"{probe} is a file, so {path} cannot be a directory: choose another --{flag}{also}")
 
 
 def resolve_start(restore_from, run_dir, model_name, models_dir):

@@ -135,3 +135,13 @@ def test_a_failed_run_leaves_the_old_output_untouched(tmp_path):
     assert result.returncode == 2
     assert out.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["bad.txt", "out.npz"]
+
+
+def test_temporary_files_a_killed_run_left_for_the_output_are_removed(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".corpus.npz.4242.tmp").write_bytes(b"half an archive")  # as `kill -9` mid-write leaves it
+    (out / ".other.npz.4242.tmp").write_bytes(b"another output's")
+    result = encode(corpus, out / "corpus.npz", models_dir=tmp_path / "no-models")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == [".other.npz.4242.tmp", "corpus.npz"]

@@ -1,5 +1,8 @@
-"""Run directories: loadable as model directories, atomic saves, rotation, optimizer state."""
+"""Run directories: loadable as model directories, atomic saves, rotation, optimizer state,
+failed and killed saves, file modes."""
+import errno
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import checkpoint
 import model
 import runs
 import trainer
+from cli import UserError
 from conftest import TINY_HPARAMS
 from encoder import DEFAULT_VOCAB_DIR
 from hparams import HParams
@@ -92,3 +96,63 @@ def test_optimizer_state_round_trips(setup):
     sgd = trainer.Trainer(trainer.build_model(HP, checkpoint.random_weights(HP), strategy), strategy, optimizer="sgd")
     assert runs.restore_optimizer(run_dir, 2, sgd.optimizer)  # no slots to restore: only the step count
     assert not runs.restore_optimizer(run_dir, 3, other.optimizer)
+
+
+def run_files(run_dir):
+    return sorted(os.listdir(run_dir))
+
+
+def test_a_full_disk_during_a_save_is_a_user_error_that_keeps_the_previous_save(setup, monkeypatch):
+    t, run_dir = setup
+    runs.save(run_dir, 1, t.lm, t.optimizer)
+    before = {n: v.numpy() for n, v in t.lm.weights.items()}
+    files = run_files(run_dir)
+    train_once(t, 1)
+    real = runs._save_bundle
+
+    def disk_fills(prefix, tensors):
+        if os.path.basename(prefix).startswith("optimizer-"):  # the model bundle fits, its optimizer's does not
+            open(prefix + ".data-00000-of-00001.tempstate123", "wb").close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(prefix, tensors)
+
+    monkeypatch.setattr(runs, "_save_bundle", disk_fills)
+    with pytest.raises(UserError) as raised:
+        runs.save(run_dir, 2, t.lm, t.optimizer)
+    message = str(raised.value)
+    assert "model-2" in message and os.strerror(errno.ENOSPC) in message and "model-1" in message
+    assert len(message.splitlines()) == 1
+    assert run_files(run_dir) == files  # nothing of the failed save is left
+    assert runs.latest_step(run_dir) == 1
+    loaded = model.load_model("run1", os.path.dirname(run_dir))
+    for name, value in before.items():
+        np.testing.assert_array_equal(loaded.weights[name].numpy(), value)
+
+
+def test_prepare_removes_what_killed_saves_left(setup):
+    t, run_dir = setup
+    for step in (1, 2):
+        runs.save(run_dir, step, t.lm, t.optimizer)
+    kept = run_files(run_dir)
+    leftovers = ["model-3.index", "model-3.data-00000-of-00001", "optimizer-3.data-00000-of-00001.tempstate42",
+                 "optimizer-1.index", "model-2.index.tempstate7", ".counter.123.0123abcd.tmp"]
+    mine = ["notes.txt", "model-0.data-00000-of-00001"]  # not a save's leftover: an older unlisted bundle
+    for name in leftovers + mine:
+        open(os.path.join(run_dir, name), "wb").close()
+    runs.prepare(run_dir, DEFAULT_VOCAB_DIR, HP)
+    assert run_files(run_dir) == sorted(kept + mine)
+    assert runs.latest_step(run_dir) == 2 and runs.restore_optimizer(run_dir, 2, t.optimizer)
+
+
+def test_run_directory_files_get_the_umask_as_the_weights_do(setup):
+    t, run_dir = setup
+    masked = os.path.join(os.path.dirname(run_dir), "masked")  # `setup` prepared run_dir under the usual umask
+    previous = os.umask(0o027)
+    try:
+        runs.prepare(masked, DEFAULT_VOCAB_DIR, HP)
+        runs.save(masked, 1, t.lm, t.optimizer)
+    finally:
+        os.umask(previous)
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(masked, name)).st_mode) for name in os.listdir(masked)}
+    assert {"hparams.json", "encoder.json", "vocab.bpe", "checkpoint", "counter", "model-1.index"} <= set(modes)
+    assert set(modes.values()) == {0o640}, modes

@@ -1,4 +1,5 @@
-"""train.py end to end on the tiny model: memorising, resuming, Ctrl-C, devices, bad input."""
+"""train.py end to end on the tiny model: memorising, resuming, Ctrl-C and SIGTERM, a closed stdout, a full
+disk, devices, bad input."""
 import json
 import os
 import re
@@ -9,7 +10,9 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, SRC_DIR, run_script
+import train as train_script
+from cli import UserError
+from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
 
 CORPUS = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the door."
 STEP_LINE = re.compile(r"^\[(\d+) \| (\d+\.\d\d)\] loss=(\d+\.\d\d) avg=(\d+\.\d\d)$", re.M)
@@ -30,6 +33,33 @@ def train(tiny_models_dir, tmp_path, *args, env=None):
 
 def losses(stdout):
     return [(int(m.group(1)), float(m.group(3))) for m in STEP_LINE.finditer(stdout)]
+
+
+def start_training(tiny_models_dir, tmp_path, corpus, *args, preexec_fn=sigint_as_at_a_terminal):
+    """train.py as a child process whose stdout and stderr pipes the test reads (or closes)."""
+    command = [sys.executable, os.path.join(SRC_DIR, "train.py"), "--dataset", corpus, "--model_name", "tiny",
+               "--models_dir", tiny_models_dir, "--checkpoint_dir", str(tmp_path / "checkpoint"),
+               "--sample_dir", str(tmp_path / "samples"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), preexec_fn=preexec_fn)
+
+
+def read_until(stream, prefix, seconds=120):
+    deadline = time.time() + seconds
+    for line in stream:
+        if line.startswith(prefix) or time.time() > deadline:
+            return line
+    return ""
+
+
+def assert_loadable_save(tmp_path, least_step):
+    """Checks that run1's newest save is at `least_step` or later, listed and loadable; returns its step."""
+    run = tmp_path / "checkpoint" / "run1"
+    step = int((run / "counter").read_text())
+    assert step >= least_step and f'model_checkpoint_path: "model-{step}"' in (run / "checkpoint").read_text()
+    import model
+    assert model.load_model("run1", str(tmp_path / "checkpoint")).hparams.n_ctx == 64
+    return step
 
 
 def test_memorises_a_small_corpus_and_the_run_directory_samples_it_back(tiny_models_dir, tmp_path, corpus):
@@ -63,32 +93,78 @@ def test_restarting_with_latest_continues_the_count_and_the_optimizer(tiny_model
     assert "at step 3 with its optimizer state" in second.stdout
     run = tmp_path / "checkpoint" / "run1"
     assert (run / "counter").read_text().strip() == "5"
+    # At step 5 already: nothing to do, said before the data set loads (this one would not).
+    done = train(tiny_models_dir, tmp_path, "--dataset", "nowhere/*.txt", "--max_steps", "4")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"{run} is already at step 5 and --max_steps is 4: nothing to do "
+                                   "(raise --max_steps to train further)")
+    assert (run / "counter").read_text().strip() == "5"
     fresh = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0",
                   "--restore_from", "fresh")
     assert [s for s, _ in losses(fresh.stdout)] == [1]
 
 
 def test_ctrl_c_stops_after_the_step_and_saves_a_loadable_checkpoint(tiny_models_dir, tmp_path, corpus):
-    command = [sys.executable, os.path.join(SRC_DIR, "train.py"), "--dataset", corpus, "--model_name", "tiny",
-               "--models_dir", tiny_models_dir, "--checkpoint_dir", str(tmp_path / "checkpoint"),
-               "--sample_every", "0", "--save_every", "1000000"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 120
-    for line in process.stdout:
-        if line.startswith("[5 |") or time.time() > deadline:
-            break
+    process = start_training(tiny_models_dir, tmp_path, corpus, "--sample_every", "0", "--save_every", "1000000")
+    assert read_until(process.stdout, "[5 |").startswith("[5 |")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
-    run = tmp_path / "checkpoint" / "run1"
-    step = int((run / "counter").read_text())
-    assert step >= 5 and f"model-{step}" in (run / "checkpoint").read_text()
+    assert_loadable_save(tmp_path, 5)
 
-    import model
-    lm = model.load_model("run1", str(tmp_path / "checkpoint"))
-    assert lm.hparams.n_ctx == 64
+
+def test_sigterm_stops_after_the_step_and_saves_as_ctrl_c_does(tiny_models_dir, tmp_path, corpus):
+    process = start_training(tiny_models_dir, tmp_path, corpus, "--sample_every", "0", "--save_every", "1000000")
+    assert read_until(process.stdout, "[3 |").startswith("[3 |")
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr  # stopped as asked and saved: not a failure
+    assert "Traceback" not in stderr and "terminated" in stderr
+    step = assert_loadable_save(tmp_path, 3)
+    assert f"Saving {tmp_path / 'checkpoint' / 'run1' / f'model-{step}'}" in stdout
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "ctrl_c"])
+def test_a_closed_stdout_never_costs_the_run(tiny_models_dir, tmp_path, corpus, stop):
+    # As `train.py | head -n 2`, or `train.py | tee log` ended by the Ctrl-C that also stops training.
+    options = ["--sample_every", "2", "--sample_length", "4", "--save_every", "1000000"]
+    process = start_training(tiny_models_dir, tmp_path, corpus, *options,
+                             *(["--max_steps", "6"] if stop == "max_steps" else []))
+    if stop == "max_steps":
+        assert process.stdout.readline().startswith("Loading dataset")
+        process.stdout.readline()
+    else:
+        assert read_until(process.stdout, "[3 |").startswith("[3 |")
+    process.stdout.close()
+    if stop == "ctrl_c":
+        process.send_signal(signal.SIGINT)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "standard output is closed" in stderr
+    step = assert_loadable_save(tmp_path, 6 if stop == "max_steps" else 3)
+    if stop == "max_steps":
+        assert step == 6 and (tmp_path / "samples" / "run1" / "samples-6").exists()
+
+
+def test_a_full_disk_during_a_save_is_a_one_line_error_and_the_previous_save_stays(tiny_models_dir, tmp_path,
+                                                                                     corpus):
+    first = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "checkpoint" / "run1"
+    files = sorted(os.listdir(run))
+
+    def small_files_only():  # writes past 1 MB fail (EFBIG) as on a full disk; the tiny model's weights are 6 MB
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+    process = start_training(tiny_models_dir, tmp_path, corpus, "--max_steps", "3", "--sample_every", "0",
+                             preexec_fn=small_files_only)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 2, stderr
+    assert re.fullmatch(r"error: cannot save .*model-3: File too large; .*resume from model-1.*\n", stderr), stderr
+    assert sorted(os.listdir(run)) == files  # no temporary or unlisted files
+    assert assert_loadable_save(tmp_path, 1) == 1
 
 
 def test_two_mirrored_devices_match_one_device(tiny_models_dir, tmp_path, corpus):
@@ -180,3 +256,35 @@ def test_empty_and_too_small_datasets_are_one_line_errors(tiny_models_dir, tmp_p
         assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     missing = train(tiny_models_dir, tmp_path)
     assert missing.returncode == 2 and "--dataset is required" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/tmp/elsewhere", "a/b", "a\\b", "..", ".", ""])
+def test_a_run_name_is_one_folder_name(name):
+    with pytest.raises(UserError, match="--run_name must be one folder name"):
+        train_script.check_run_name(name)
+
+
+def test_good_run_names_pass_as_strings():
+    names = ["run1", "my run.v2", "..x", 7]  # 7: fire reads --run_name 7 as an int
+    assert [train_script.check_run_name(n) for n in names] == ["run1", "my run.v2", "..x", "7"]
+
+
+@pytest.mark.parametrize("name", ["../escaped", ""])
+def test_a_run_name_outside_the_checkpoint_directory_is_refused_before_anything_is_written(
+        tiny_models_dir, tmp_path, corpus, name):
+    result = train(tiny_models_dir, tmp_path / "work", "--dataset", corpus, "--run_name", name, "--max_steps", "1")
+    assert result.returncode == 2 and "--run_name must be one folder name" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint_dir", "--sample_dir"])
+def test_a_directory_flag_naming_a_file_is_a_one_line_error_before_training(tiny_models_dir, tmp_path, corpus, flag):
+    taken = tmp_path / "taken"
+    taken.write_text("mine", encoding="utf-8")
+    for value in (taken, taken / "below"):
+        result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", flag, str(value))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {taken} is a file") and flag in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert taken.read_text(encoding="utf-8") == "mine"
