@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+import decode
 import runs
 import sample
 
@@ -147,7 +148,7 @@ def fine_tune(trainer, encoder, data, run_dir, schedule, start_step=0, val_batch
                 save()
             if schedule.sample_every and schedule.sample_num and step % schedule.sample_every == 0 and writer:
                 if sampler is None:
-                    sampler = sample.Sampler(lm)  # one per run: each new one traces the decode loop again
+                    sampler = sample.Sampler(decode.Decoder(lm), encoder.eot_token)  # one per run: a new one retraces
                 write_samples(sampler, encoder, schedule, step, out)
         save()  # still under the handlers: a first signal now does not cut the save short
     return losses

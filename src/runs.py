@@ -97,7 +97,8 @@ def save(run_dir, step, lm, optimizer=None, max_to_keep=5):
     try:
         _save_bundle(os.path.join(run_dir, f"model-{step}"), lm.checkpoint_weights())
         if optimizer is not None:
-            state = {n: to_checkpoint_layout(_slot_owner(n), v.read_value()) for n, v in optimizer.slots.items()}
+            state = {n: to_checkpoint_layout(_slot_owner(n), v.read_value(), lm.compute_dtype)
+                     for n, v in optimizer.slots.items()}
             state["global_step"] = optimizer.iterations.read_value()
             _save_bundle(os.path.join(run_dir, f"optimizer-{step}"), state)
         write_atomically(os.path.join(run_dir, "checkpoint"), "".join([f'model_checkpoint_path: "model-{step}"\n'] + [
@@ -151,9 +152,9 @@ def _slot_owner(slot_name):
     return slot_name.rsplit("/", 1)[0]
 
 
-def restore_optimizer(run_dir, step, optimizer):
-    """Loads the optimizer state saved with step `step`; False when there is none (a fresh
-    optimizer then starts from zero moments)."""
+def restore_optimizer(run_dir, step, optimizer, compute_dtype=tf.float32):
+    """Loads the optimizer state saved with step `step` into the layout of a model multiplying
+    in `compute_dtype`; False when there is none (a fresh optimizer then starts from zero moments)."""
     prefix = os.path.join(run_dir, f"optimizer-{step}")
     if optimizer is None or not os.path.exists(prefix + ".index"):
         return False
@@ -162,6 +163,6 @@ def restore_optimizer(run_dir, step, optimizer):
     if set(optimizer.slots) - set(found):
         return False  # saved by another optimizer or with other trainable variables
     for name, variable in optimizer.slots.items():
-        variable.assign(to_model_layout(_slot_owner(name), reader.get_tensor(name)))
+        variable.assign(to_model_layout(_slot_owner(name), reader.get_tensor(name), compute_dtype))
     optimizer.iterations.assign(int(reader.get_tensor("global_step")))
     return True

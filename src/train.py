@@ -129,7 +129,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     trainer.check_batch_size(batch_size)
     if val_batches:
         trainer.check_batch_size(val_batch_size)
-    if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer):
+    if start_step and runs.restore_optimizer(run_dir, start_step, trainer.optimizer, lm.compute_dtype):
         out.print(f"Resuming {run_dir} at step {start_step} with its optimizer state")
     if strategy.extended.should_checkpoint:  # under multi-worker training, only the chief writes
         runs.prepare(run_dir, source_dir, hp)

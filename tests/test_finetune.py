@@ -23,8 +23,8 @@ def test_two_sample_rounds_share_one_sampler(tmp_path, monkeypatch):
     made = []
 
     class CountedSampler(sample.Sampler):
-        def __init__(self, lm):
-            super().__init__(lm)
+        def __init__(self, engine, eot_token):
+            super().__init__(engine, eot_token)
             made.append(self)
 
     monkeypatch.setattr(sample, "Sampler", CountedSampler)
