@@ -280,7 +280,9 @@ def evaluate(task, data=None, model_name="124M", models_dir="models", batch_size
     if limit is not None:
         cli.check_whole("limit", limit, 1)
     examples = load_examples(task, str(data), limit)
-    cli.fast_start()
+    import runtime
+
+    runtime.fast_start()
     import api
     import score
 

@@ -3,6 +3,7 @@
 import itertools
 
 import cli
+import runtime
 
 
 @cli.documented(
@@ -12,7 +13,7 @@ import cli
 def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=None, temperature=1,
                  top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
     # Imported here so --help answers without starting TensorFlow.
-    cli.fast_start(system_allocator=True)
+    runtime.fast_start(system_allocator=True)
     import api
     import console
     import sample

@@ -7,6 +7,8 @@ or Ctrl-C quits.
 import sys
 
 import cli
+import runtime
+from errors import UserError
 
 PROMPT = "Model prompt >>> "
 CONTINUATION = "... "
@@ -34,7 +36,7 @@ def read_prompt():
 def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1,
                    top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
     # Imported here so --help answers without starting TensorFlow.
-    cli.fast_start(system_allocator=True)
+    runtime.fast_start(system_allocator=True)
     import api
     import console
     import sample
@@ -56,7 +58,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
             context = gpt.encode(raw_text)
             try:
                 sample.check_room(gpt.hparams.n_ctx, len(context), length)
-            except cli.UserError as e:
+            except UserError as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 continue
             for batch in range(nsamples // batch_size):
@@ -69,7 +71,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     except (EOFError, KeyboardInterrupt):
         print(flush=True)
     except UnicodeDecodeError as e:
-        raise cli.UserError(f"the input is not valid UTF-8 ({e.reason} at byte {e.start}): type or pipe UTF-8 text")
+        raise UserError(f"the input is not valid UTF-8 ({e.reason} at byte {e.start}): type or pipe UTF-8 text")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,9 @@ def read_inputs(files):
     json="Print JSON with each token's id, text and log-probability.")
 def score(*files, model_name="124M", models_dir="models", stride=None, batch_size=8, json=False,
           dtype="float32"):
-    cli.fast_start()
+    import runtime
+
+    runtime.fast_start()
     import api
 
     inputs = read_inputs([str(f) for f in files])

@@ -50,38 +50,3 @@ def test_quick_exit_skips_the_interpreters_teardown():
     assert done.returncode == 0 and "teardown ran" not in done.stdout
     done = run_entry_point('import atexit; atexit.register(lambda: print("teardown ran"))', False)
     assert done.returncode == 0 and "teardown ran" in done.stdout
-
-
-def test_tensorflow_starts_without_keras_and_keras_still_imports_after():
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {SRC!r})
-        import cli
-        tf = cli.import_tensorflow()
-        print(float(tf.reduce_sum(tf.ones([3]))), "keras" in sys.modules)
-        import keras
-        print(keras.__name__, "keras.src.optimizers" in sys.modules)
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["3.0", "False", "keras", "True"]
-
-
-@pytest.mark.parametrize("importable", [True, False])
-def test_the_cycle_collector_is_back_on_after_importing_tensorflow(importable):
-    # Collection is paused for the import only: a process left without it would grow without bound.
-    code = textwrap.dedent(f"""
-        import gc, sys
-        sys.path.insert(0, {SRC!r})
-        import cli
-        if not {importable}:
-            sys.modules["tensorflow"] = None  # the import raises ImportError
-        try:
-            cli._import_tensorflow_without_keras()
-        except ImportError:
-            pass
-        print(gc.isenabled(), gc.get_freeze_count() > 100000)
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", str(importable)]
