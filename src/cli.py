@@ -54,8 +54,19 @@ def check_counts(nsamples, batch_size, allow_forever=False):
         raise UserError(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
 
 
+def _reader_gone(stream):
+    """Points a stream whose pipe was closed (`| head`) at /dev/null, so that the interpreter's
+    final flush does not raise and report it again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def run(fn, quick_exit=False):
     """Runs `fn` as a fire CLI; a UserError becomes a one-line error and exit status 2.
+
+    Ctrl-C ends it with status 130 and a newline. A reader that stops reading (`| head`) ends
+    it quietly with status 141 (128 + SIGPIPE), as `yes | head` ends: the output was cut short.
 
     With `quick_exit` the process ends as soon as `fn` does, its output flushed, skipping the
     interpreter's teardown, in which TensorFlow took ~0.7 s: longer than generating 8 tokens.
@@ -73,11 +84,15 @@ def run(fn, quick_exit=False):
         # Ctrl-C is how users stop a run; it is not an error worth a traceback.
         print(file=sys.stderr)
         status = 130
+    except BrokenPipeError:
+        status = 141
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 141
+            if not stream.closed:
+                _reader_gone(stream)
     if quick_exit:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                status = status or 1  # the reader went away (a closed pipe): nothing more to tell it
         os._exit(status)
     sys.exit(status)

@@ -50,3 +50,35 @@ def test_quick_exit_skips_the_interpreters_teardown():
     assert done.returncode == 0 and "teardown ran" not in done.stdout
     done = run_entry_point('import atexit; atexit.register(lambda: print("teardown ran"))', False)
     assert done.returncode == 0 and "teardown ran" in done.stdout
+
+
+def start_entry_point(body, quick_exit, *args):
+    """Starts a tiny fire entry point through cli.run, its output on pipes."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {SRC!r})
+        import cli
+
+        def main():
+            {body}
+
+        cli.run(main, quick_exit={quick_exit})
+    """)
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("quick_exit", [False, True])
+def test_a_reader_that_stops_reading_ends_the_run_quietly(quick_exit):
+    process = start_entry_point('while True: print("line", flush=True)', quick_exit)
+    assert process.stdout.readline() == b"line\n"
+    process.stdout.close()  # as `| head -n 1` does
+    assert process.wait(timeout=60) == 141
+    assert process.stderr.read() == b""
+
+
+def test_output_left_in_the_buffer_for_a_gone_reader_is_dropped_quietly():
+    # The write fails only in the final flush, after the entry point returned.
+    process = start_entry_point('import time; print("x" * 100); time.sleep(2)', False)
+    process.stdout.close()
+    assert process.wait(timeout=60) == 141
+    assert process.stderr.read() == b""

@@ -91,3 +91,14 @@ def test_nsamples_zero_runs_until_ctrl_c(tiny_models_dir):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_piped_into_head_it_ends_quietly(tiny_models_dir):
+    process = subprocess.Popen(
+        [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+         "--nsamples", "0", "--length", "4", "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    assert headers(process.stdout.readline().decode()) == [1]
+    process.stdout.close()  # what `| head -n 1` does after its line
+    assert process.wait(timeout=240) == 141
+    assert process.stderr.read() == b""
