@@ -1,6 +1,8 @@
 """What every command-line entry point shares: its --help, and one-line errors instead of tracebacks."""
+import difflib
 import inspect
 import os
+import re
 import sys
 
 from errors import UserError  # noqa: F401  (cli.UserError, as the scripts spell it)
@@ -54,6 +56,37 @@ def check_counts(nsamples, batch_size, allow_forever=False):
         raise UserError(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
 
 
+def _is_flag(arg):
+    """Whether fire reads `arg` as a flag: --name, or -x... (a dash and a letter; -1 is a value)."""
+    return arg.startswith("--") or re.match("-[a-zA-Z]", arg) is not None
+
+
+def check_flags(fn, args):
+    """A UserError for the first flag in `args` that `fn` does not take, before any work is done
+    (fire reports flags it could not use only after `fn` has run).
+
+    Flags are spelt as fire takes them: --name value, --name=value, --no<name> for a switch,
+    hyphens for underscores, -x for the one flag starting with x; what follows the last `--` is
+    fire's own (--help, --trace...). With -h or --help anywhere, fire shows the help instead.
+    """
+    if "--" in args:
+        args = args[:len(args) - 1 - args[::-1].index("--")]
+    params = inspect.signature(fn).parameters
+    if "-h" in args or "--help" in args or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL]
+    switches = [n for n in names if isinstance(params[n].default, bool)]
+    for arg in filter(_is_flag, args):
+        flag = arg.partition("=")[0]
+        name = flag.lstrip("-").replace("-", "_")
+        starting = [n for n in names if n.startswith(name)]
+        if name in names or name[2:] in switches and name.startswith("no") or len(name) == 1 and len(starting) == 1:
+            continue
+        close = difflib.get_close_matches(name, names + ["no" + n for n in switches], n=1)
+        hint = f"did you mean --{close[0]}?" if close else "--help lists the flags"
+        raise UserError(f"unknown flag {flag} ({hint})")
+
+
 def _reader_gone(stream):
     """Points a stream whose pipe was closed (`| head`) at /dev/null, so that the interpreter's
     final flush does not raise and report it again."""
@@ -76,6 +109,7 @@ def run(fn, quick_exit=False):
 
     status = 0
     try:
+        check_flags(fn, sys.argv[1:])
         fire.Fire(fn)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
