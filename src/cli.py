@@ -4,6 +4,7 @@ import inspect
 import os
 import re
 import sys
+import typing
 
 from errors import UserError  # noqa: F401  (cli.UserError, as the scripts spell it)
 # Re-exported for the modules that still call cli.fast_start / cli.import_tensorflow.
@@ -56,35 +57,99 @@ def check_counts(nsamples, batch_size, allow_forever=False):
         raise UserError(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
 
 
+# Annotation for a flag that is a string, or a list of strings when written as one: '["\n\n", "THE END"]'.
+str_or_list = typing.Union[str, typing.List[str]]
+
+
+def _kind(param):
+    """What a parameter's text becomes: its annotation, else the type of a bool or str default."""
+    if param.annotation is not param.empty:
+        return param.annotation
+    return type(param.default) if isinstance(param.default, (bool, str)) else None
+
+
+def _source(name, kind, text):
+    """The text of flag --`name` (or of the argument in its place) as fire should read it: as the
+    Python literal of its value for strings and switches, which fire would turn into numbers and
+    booleans; else as typed, for fire's own reading (Python literals, else the text)."""
+    from fire.parser import DefaultParseValue
+
+    if kind is str:
+        return repr(text)
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise UserError(f"--{name} is a switch: give --{name} or --no{name}, not {text!r}")
+        return repr(text.lower() == "true")
+    value = DefaultParseValue(text)
+    if kind is str_or_list:
+        return repr(value if isinstance(value, list) and all(isinstance(v, str) for v in value) else text)
+    if kind is int and value is not None and type(value) is not int:
+        raise UserError(f"--{name} must be a whole number, got {text!r}")
+    return text
+
+
 def _is_flag(arg):
     """Whether fire reads `arg` as a flag: --name, or -x... (a dash and a letter; -1 is a value)."""
     return arg.startswith("--") or re.match("-[a-zA-Z]", arg) is not None
 
 
-def check_flags(fn, args):
-    """A UserError for the first flag in `args` that `fn` does not take, before any work is done
-    (fire reports flags it could not use only after `fn` has run).
+def command_line(fn, args):
+    """`args` as fire should read them for `fn`: each flag written --name=value, and the text of
+    string flags and arguments quoted so that fire keeps it as typed. Raises UserError, before any
+    work is done, for a flag `fn` does not take or an argument too many (fire reported those only
+    after `fn` had run), a flag without its value, and a value of the wrong kind.
 
-    Flags are spelt as fire takes them: --name value, --name=value, --no<name> for a switch,
-    hyphens for underscores, -x for the one flag starting with x; what follows the last `--` is
-    fire's own (--help, --trace...). With -h or --help anywhere, fire shows the help instead.
+    A parameter's kind is its annotation, else the type of a bool or str default. Flags are spelt
+    as fire takes them: --name value, --name=value, --no<name> for a switch, hyphens for
+    underscores, -x for the one flag starting with x. A switch takes a following True or False, and
+    no other word. What follows the last `--` is fire's own (--trace...); with -h or --help
+    anywhere, fire shows the help instead.
     """
-    if "--" in args:
-        args = args[:len(args) - 1 - args[::-1].index("--")]
     params = inspect.signature(fn).parameters
     if "-h" in args or "--help" in args or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
+        return args
+    cut = len(args) - 1 - args[::-1].index("--") if "--" in args else len(args)
     names = [n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL]
-    switches = [n for n in names if isinstance(params[n].default, bool)]
-    for arg in filter(_is_flag, args):
-        flag = arg.partition("=")[0]
+    switches = [n for n in names if _kind(params[n]) is bool]
+    out, given, positional, rest = [], set(), [], args[:cut]
+    while rest:
+        arg, rest = rest[0], rest[1:]
+        if not _is_flag(arg):
+            positional.append(len(out))
+            out.append(arg)
+            continue
+        flag, equals, value = arg.partition("=")
         name = flag.lstrip("-").replace("-", "_")
         starting = [n for n in names if n.startswith(name)]
-        if name in names or name[2:] in switches and name.startswith("no") or len(name) == 1 and len(starting) == 1:
-            continue
-        close = difflib.get_close_matches(name, names + ["no" + n for n in switches], n=1)
-        hint = f"did you mean --{close[0]}?" if close else "--help lists the flags"
-        raise UserError(f"unknown flag {flag} ({hint})")
+        if len(name) == 1 and len(starting) == 1:
+            name = starting[0]
+        if name not in names and name.startswith("no") and name[2:] in switches:
+            if equals:
+                raise UserError(f"{flag} takes no value: give {flag} alone")
+            name, equals, value = name[2:], "=", "False"
+        if name not in names:
+            close = difflib.get_close_matches(name, names + ["no" + n for n in switches], n=1)
+            raise UserError(f"unknown flag {flag} ({f'did you mean --{close[0]}?' if close else '--help lists the flags'})")
+        if not equals and name in switches:
+            takes_word = bool(rest) and rest[0].lower() in ("true", "false")
+            value, rest = (rest[0], rest[1:]) if takes_word else ("True", rest)
+        elif not equals:
+            if not rest or _is_flag(rest[0]):
+                raise UserError(f"{flag} needs a value (write {flag}=VALUE for one that starts with -)")
+            value, rest = rest[0], rest[1:]
+        given.add(name)
+        out.append(f"--{name}={_source(name, _kind(params[name]), value)}")
+    # As fire binds them: arguments fill the parameters no flag gave, in order, then *args.
+    slots = [p for p in params.values() if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in given]
+    star = [p for p in params.values() if p.kind is p.VAR_POSITIONAL]
+    for i, index in enumerate(positional):
+        if out[index] == "-":
+            break  # fire's separator: what follows is not for `fn`
+        param = slots[i] if i < len(slots) else star[0] if star else None
+        if param is None:
+            raise UserError(f"unexpected argument {out[index]!r} (flags start with --; --help lists them)")
+        out[index] = _source(param.name, _kind(param), out[index])
+    return out + args[cut:]
 
 
 def _reader_gone(stream):
@@ -109,8 +174,7 @@ def run(fn, quick_exit=False):
 
     status = 0
     try:
-        check_flags(fn, sys.argv[1:])
-        fire.Fire(fn)
+        fire.Fire(fn, command=command_line(fn, sys.argv[1:]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         status = 2

@@ -12,8 +12,7 @@ def read_text(prompt=None, prompt_file=None):
     if prompt is not None and prompt_file is not None:
         raise UserError("give the prompt as an argument or with --prompt_file, not both")
     if prompt is not None:
-        # fire turns arguments like 12 or True into numbers and booleans; a prompt is text.
-        return prompt if isinstance(prompt, str) else str(prompt)
+        return prompt
     if prompt_file is not None:
         try:
             with open(prompt_file, "rb") as f:
@@ -38,9 +37,10 @@ def read_text(prompt=None, prompt_file=None):
     nsamples='Samples to print for each prompt.',
     batch_size='Samples generated at once.',
     length="New tokens per sample (default: half the model's window, 512).")
-def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M", seed=None, nsamples=1,
-                 batch_size=1, length=None, temperature=1, top_k=0, top_p=1, models_dir="models",
-                 stop_at_eot=False, stop=None, dtype="float32"):
+def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = False, model_name: str = "124M",
+                 seed: int = None, nsamples: int = 1, batch_size: int = 1, length: int = None, temperature=1,
+                 top_k: int = 0, top_p=1, models_dir: str = "models", stop_at_eot: bool = False,
+                 stop: cli.str_or_list = None, dtype: str = "float32"):
     # Imported here so --help answers without starting TensorFlow.
     runtime.fast_start(system_allocator=True)
     import api

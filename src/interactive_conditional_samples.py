@@ -33,8 +33,9 @@ def read_prompt():
     'Prompts for text and prints continuations, until end of input or Ctrl-C (exit status 0).\n\nA line ending in a backslash continues the prompt on the next line, for multi-line prompts.',
     nsamples='Samples to print for each prompt.',
     length="New tokens per sample (default: half the model's window, 512).")
-def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1,
-                   top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
+def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1, batch_size: int = 1,
+                   length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
+                   stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32"):
     # Imported here so --help answers without starting TensorFlow.
     runtime.fast_start(system_allocator=True)
     import api

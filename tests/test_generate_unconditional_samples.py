@@ -58,6 +58,9 @@ def test_seed_repeats_the_output(tiny_models_dir):
     (["--top_p", 1.5], r"--top_p must be in \(0, 1\]"),
     (["--temperature", -1], r"--temperature"),
     (["--model_name", "355M"], r"model '355M' not found .*download_model.py 355M"),
+    (["--models_dir", 2019], r"model 'tiny' not found in '2019'"),
+    (["--length", "abc"], r"--length must be a whole number, got 'abc'"),
+    (["--stop"], r"--stop needs a value"),
 ])
 def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
     base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1, "--length", 3]
@@ -102,3 +105,11 @@ def test_piped_into_head_it_ends_quietly(tiny_models_dir):
     process.stdout.close()  # what `| head -n 1` does after its line
     assert process.wait(timeout=240) == 141
     assert process.stderr.read() == b""
+
+
+@pytest.mark.parametrize("stop", ["5", "1.5", "True"])
+def test_a_stop_that_looks_like_a_number_or_a_bool_is_text(tiny_models_dir, stop):
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1,
+                        "--length", 4, "--stop", stop)
+    assert result.returncode == 0, result.stderr
+    assert headers(result.stdout) == [1]

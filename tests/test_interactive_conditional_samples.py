@@ -81,3 +81,15 @@ def test_ctrl_c_at_the_prompt_exits_zero(tiny_models_dir):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert b"Traceback" not in err
+
+
+def test_a_length_that_is_not_a_number_is_refused_at_once(tiny_models_dir):
+    result = run(tiny_models_dir, "Hello\n", "--length", "abc")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: --length must be a whole number, got 'abc'\n"
+
+
+def test_a_stop_that_looks_like_a_number_is_text(tiny_models_dir):
+    result = run(tiny_models_dir, "Hello\n", "--stop", "1.5")
+    assert result.returncode == 0, result.stderr
+    assert headers(result.stdout) == [1]
