@@ -43,6 +43,9 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
     import sample
 
     console.use_safe_stdout()
+    if sys.stdin is not None:
+        # A C.UTF-8 locale decodes stdin with surrogateescape, which lets bad bytes reach the encoder.
+        sys.stdin.reconfigure(errors="strict")
     cli.check_counts(nsamples, batch_size)
     sample.check_knobs(temperature, top_k, top_p)
     gpt = api.load(model_name, models_dir, dtype=dtype)

@@ -1,4 +1,5 @@
 """The interactive loop, driven through standard input."""
+import os
 import re
 import signal
 import subprocess
@@ -93,3 +94,20 @@ def test_a_stop_that_looks_like_a_number_is_text(tiny_models_dir):
     result = run(tiny_models_dir, "Hello\n", "--stop", "1.5")
     assert result.returncode == 0, result.stderr
     assert headers(result.stdout) == [1]
+
+
+def test_undecodable_bytes_under_a_utf8_locale_are_a_one_line_error(tiny_models_dir):
+    # As the Dockerfiles run it: LANG=C.UTF-8 and no PYTHONIOENCODING, where Python reads stdin
+    # with surrogateescape, so that bad bytes arrive as text instead of raising.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE")}
+    env["LANG"] = "C.UTF-8"
+    probe = subprocess.run([sys.executable, "-c", "import sys; print(sys.stdin.errors)"], env=env,
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert probe.stdout.strip() == "surrogateescape"
+    result = subprocess.run([sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir",
+                             tiny_models_dir, "--length", "4"], input=b"\xff\xfe\n", capture_output=True,
+                            env=env, cwd=REPO_ROOT, timeout=300)
+    err = result.stderr.decode("utf-8", errors="replace")
+    assert result.returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"error: the input is not valid UTF-8 .*: type or pipe UTF-8 text$", err.strip())
