@@ -48,9 +48,12 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
         sys.stdin.reconfigure(errors="strict")
     cli.check_counts(nsamples, batch_size)
     sample.check_knobs(temperature, top_k, top_p)
+    if length is not None:
+        cli.check_whole("length", length, 1)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2
+    sample.check_room(gpt.hparams.n_ctx, 1, length)  # now, rather than after each prompt
     base_seed = sample.new_seed(seed)
     prompts_done = 0
     try:

@@ -6,8 +6,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
-from test_generate_unconditional_samples import FLAGS, headers
+from test_generate_unconditional_samples import FLAGS, assert_one_line_error, headers
 
 SCRIPT = "interactive_conditional_samples.py"
 
@@ -111,3 +113,15 @@ def test_undecodable_bytes_under_a_utf8_locale_are_a_one_line_error(tiny_models_
     assert result.returncode == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert re.match(r"error: the input is not valid UTF-8 .*: type or pipe UTF-8 text$", err.strip())
+
+
+@pytest.mark.parametrize("length,pattern", [
+    (200, r"Can't get samples longer than window size: 64 \(use --length 64 or less\)"),
+    (0, r"--length must be a whole number >= 1, got 0"),
+])
+def test_a_length_the_model_cannot_give_is_refused_before_the_first_prompt(tiny_models_dir, length, pattern):
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--length", length,
+                        stdin="Hello\nAgain\n")
+    assert result.returncode == 2
+    assert_one_line_error(result, pattern)
+    assert result.stdout == ""  # not even the prompt
