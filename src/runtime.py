@@ -58,7 +58,7 @@ def import_tensorflow():
         try:
             tensorflow = _import_tensorflow_without_keras()
             tensorflow.config.list_physical_devices()
-        except BaseException:
+        except Exception:  # not Ctrl-C, which needs no log to explain it
             os.dup2(saved_stderr, 2)
             log.seek(0)
             sys.stderr.write(log.read().decode("utf-8", errors="replace"))

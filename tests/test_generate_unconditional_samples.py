@@ -1,4 +1,5 @@
 """End-to-end runs of generate_unconditional_samples.py on a tiny random model."""
+import os
 import re
 import signal
 import subprocess
@@ -113,3 +114,22 @@ def test_a_stop_that_looks_like_a_number_or_a_bool_is_text(tiny_models_dir, stop
                         "--length", 4, "--stop", stop)
     assert result.returncode == 0, result.stderr
     assert headers(result.stdout) == [1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="finds TensorFlow's library in /proc")
+def test_ctrl_c_during_start_up_prints_only_a_newline(tiny_models_dir):
+    process = subprocess.Popen(
+        [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+         "--nsamples", "1", "--length", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT, preexec_fn=sigint_as_at_a_terminal)
+    # Interrupt once TensorFlow's library is loaded: the import is under way, its log captured.
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        with open(f"/proc/{process.pid}/maps") as maps:
+            if "libtensorflow" in maps.read():
+                break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert (out, err) == (b"", b"\n")

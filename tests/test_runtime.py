@@ -103,3 +103,33 @@ def test_the_cycle_collector_is_back_on_after_importing_tensorflow(importable):
         print(gc.isenabled(), gc.get_freeze_count() > 100000)
     """)
     assert out == ["True", str(importable)]
+
+
+def interrupted_import(error):
+    """Runs an entry point through cli.run whose TensorFlow import writes a log line, then raises `error`."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {SRC!r})
+        import cli, runtime
+
+        def import_that_fails():
+            os.write(2, b"captured start-up log line\\n")
+            raise {error}
+
+        runtime._import_tensorflow_without_keras = import_that_fails
+        cli.run(lambda: runtime.import_tensorflow(), quick_exit=True)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "GPT2_VERBOSE_TF"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_ctrl_c_while_tensorflow_imports_prints_only_a_newline():
+    done = interrupted_import("KeyboardInterrupt")
+    assert done.returncode == 130
+    assert done.stderr == "\n"
+
+
+def test_a_failed_import_shows_the_log_that_explains_it():
+    done = interrupted_import("ImportError('no libcudnn')")
+    assert done.returncode != 0
+    assert done.stderr.startswith("captured start-up log line\n") and "no libcudnn" in done.stderr
