@@ -12,6 +12,10 @@ def read_text(prompt=None, prompt_file=None):
     if prompt is not None and prompt_file is not None:
         raise UserError("give the prompt as an argument or with --prompt_file, not both")
     if prompt is not None:
+        try:
+            prompt.encode("utf-8")  # an argument's undecodable bytes arrive as lone surrogates
+        except UnicodeEncodeError as e:
+            raise UserError(f"the prompt is not valid UTF-8 (character {e.start + 1}): convert it to UTF-8") from None
         return prompt
     if prompt_file is not None:
         try:

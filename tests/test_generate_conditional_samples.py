@@ -1,9 +1,11 @@
 """generate_conditional_samples.py: prompts from an argument, a file or stdin; one per line."""
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import REPO_ROOT, SRC_DIR, run_script
 from test_generate_unconditional_samples import FLAGS, assert_one_line_error, headers
 
 SCRIPT = "generate_conditional_samples.py"
@@ -89,3 +91,11 @@ def test_prompts_and_stops_that_look_like_numbers_are_text(tiny_models_dir, tmp_
                     "--temperature", 0)
     assert typed.returncode == 0, typed.stderr
     assert typed.stdout == from_file.stdout  # "12.50" was not read as the number 12.5
+
+
+def test_an_undecodable_prompt_argument_is_a_one_line_error(tiny_models_dir):
+    # Python passes an argument's undecodable bytes on as lone surrogates, which no encoder takes.
+    result = subprocess.run([sys.executable, f"{SRC_DIR}/{SCRIPT}", b"caf\xe9", "--model_name", "tiny",
+                             "--models_dir", tiny_models_dir], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=300)
+    assert_one_line_error(result, r"^error: the prompt is not valid UTF-8 \(character 4\): convert it to UTF-8$")
