@@ -1,4 +1,5 @@
-"""What every command-line entry point shares: its --help, and one-line errors instead of tracebacks."""
+"""What every command-line entry point shares: its --help, the reading of its command line before
+any work, and one-line errors instead of tracebacks."""
 import difflib
 import inspect
 import os
@@ -6,7 +7,7 @@ import re
 import sys
 import typing
 
-from errors import UserError  # noqa: F401  (cli.UserError, as the scripts spell it)
+from errors import UserError
 # Re-exported for the modules that still call cli.fast_start / cli.import_tensorflow.
 from runtime import fast_start, import_tensorflow  # noqa: F401
 
