@@ -166,3 +166,16 @@ def test_score_json_then_a_file_scores_the_file(tiny_models_dir, tmp_path):
                         tmp_path / "file.txt", timeout=240)
     assert result.returncode == 0, result.stderr
     assert '"input": "' + str(tmp_path / "file.txt") in result.stdout
+
+
+def test_encode_and_train_do_no_work_for_a_mistyped_flag(tiny_models_dir, tmp_path):
+    (tmp_path / "corpus.txt").write_text("Some text to encode and train on. " * 20, encoding="utf-8")
+    encoded = run_script("encode.py", tmp_path / "corpus.txt", tmp_path / "out.npz", "--topk", 5, timeout=120)
+    assert encoded.stderr == "error: unknown flag --topk (--help lists the flags)\n"  # encode.py has no --top_k
+    assert encoded.returncode == 2 and not (tmp_path / "out.npz").exists()
+    trained = run_script("train.py", "--dataset", tmp_path / "corpus.txt", "--model_name", "tiny", "--models_dir",
+                         tiny_models_dir, "--checkpoint_dir", tmp_path / "ck", "--sample_dir", tmp_path / "samples",
+                         "--max_step", 3, timeout=120)
+    assert trained.returncode == 2 and trained.stdout == ""
+    assert trained.stderr == "error: unknown flag --max_step (did you mean --max_steps?)\n"
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]
