@@ -1,14 +1,15 @@
-"""What every command-line entry point shares: one-line errors instead of tracebacks."""
-import gc
+"""What every command-line entry point shares: its --help, the reading of its command line before
+any work, and one-line errors instead of tracebacks."""
+import difflib
 import inspect
 import os
+import re
 import sys
+import typing
 
-# TensorFlow's C++ start-up chatter buries the one line a user needs; keep warnings and errors.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow enables its oneDNN kernels only on CPUs it deems new enough; on the others (AVX2
-# machines included) they still make batch-1 decoding ~25% and batch-8 decoding ~30% faster.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+from errors import UserError
+# Re-exported for the modules that still call cli.fast_start / cli.import_tensorflow.
+from runtime import fast_start, import_tensorflow  # noqa: F401
 
 
 # Flags the sampling scripts share, documented once; `documented` builds each script's --help.
@@ -42,9 +43,6 @@ def documented(summary, **specific):
     return attach
 
 
-from errors import UserError  # noqa: E402  (re-exported: cli.UserError is what the scripts raise)
-
-
 def check_whole(name, value, least):
     """A UserError unless flag --`name` is an int (not a bool) of at least `least`; returns it."""
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -60,90 +58,124 @@ def check_counts(nsamples, batch_size, allow_forever=False):
         raise UserError(f"--nsamples ({nsamples}) must be a multiple of --batch_size ({batch_size})")
 
 
-# TensorFlow imports Keras's optimizers as it starts, to register them for SavedModel loading,
-# which this project never uses; Keras and what it pulls in (IPython, where installed) cost
-# ~0.5 s and ~40 MiB of a sampling script. TensorFlow tolerates that import failing.
-_KERAS_ON_START = "keras.src.optimizers"
+# Annotation for a flag that is a string, or a list of strings when written as one: '["\n\n", "THE END"]'.
+str_or_list = typing.Union[str, typing.List[str]]
 
 
-def _import_tensorflow_without_keras():
-    blocked = _KERAS_ON_START not in sys.modules
-    if blocked:
-        sys.modules[_KERAS_ON_START] = None  # makes that one import raise ImportError
-    # The import leaves ~400,000 objects, which Python's cycle collector would walk again on each
-    # full collection, during the import and while tracing graphs later (0.2 s a walk here). So
-    # collection is off for the import, and what it made is frozen (never walked, never freed):
-    # 1.6 -> 1.3 s for the import, 0.28 -> 0.13 s to trace the sampler's loop, ~1.5 MiB kept.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        import tensorflow
-    finally:
-        if collecting:
-            gc.enable()
-        if blocked and sys.modules.get(_KERAS_ON_START, 0) is None:
-            del sys.modules[_KERAS_ON_START]  # Keras imports as usual from here on
-    gc.freeze()
-    return tensorflow
+def _kind(param):
+    """What a parameter's text becomes: its annotation, else the type of a bool or str default."""
+    if param.annotation is not param.empty:
+        return param.annotation
+    return type(param.default) if isinstance(param.default, (bool, str)) else None
 
 
-def import_tensorflow():
-    """Imports TensorFlow (without Keras) and finds its devices without letting its start-up
-    log lines (CUDA probing on machines with no GPU, written before its log level applies) reach
-    the terminal; they are shown if the import fails, or always with GPT2_VERBOSE_TF=1."""
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    if os.environ.get("GPT2_VERBOSE_TF") == "1":
-        return _import_tensorflow_without_keras()
-    import tempfile
+def _source(name, kind, text):
+    """The text of flag --`name` (or of the argument in its place) as fire should read it: as the
+    Python literal of its value for strings and switches, which fire would turn into numbers and
+    booleans; else as typed, for fire's own reading (Python literals, else the text)."""
+    from fire.parser import DefaultParseValue
 
-    sys.stderr.flush()
-    saved_stderr = os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            tensorflow = _import_tensorflow_without_keras()
-            tensorflow.config.list_physical_devices()
-        except BaseException:
-            os.dup2(saved_stderr, 2)
-            log.seek(0)
-            sys.stderr.write(log.read().decode("utf-8", errors="replace"))
-            raise
-        finally:
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
-    return tensorflow
+    if kind is str:
+        return repr(text)
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise UserError(f"--{name} is a switch: give --{name} or --no{name}, not {text!r}")
+        return repr(text.lower() == "true")
+    value = DefaultParseValue(text)
+    if kind is str_or_list:
+        return repr(value if isinstance(value, list) and all(isinstance(v, str) for v in value) else text)
+    if kind is int and value is not None and type(value) is not int:
+        raise UserError(f"--{name} must be a whole number, got {text!r}")
+    return text
 
 
-def fast_start(system_allocator=False):
-    """Prepares TensorFlow for a script: imports it quietly and skips Grappler's graph rewrites,
-    which cost about a second before the first token and bought no measurable speed on the
-    decode loop. GPT2_GRAPPLER=1 keeps them.
+def _is_flag(arg):
+    """Whether fire reads `arg` as a flag: --name, or -x... (a dash and a letter; -1 is a value)."""
+    return arg.startswith("--") or re.match("-[a-zA-Z]", arg) is not None
 
-    With `system_allocator` (the sampling scripts), tensors come from malloc instead of the pool
-    oneDNN keeps: 31 MiB less peak memory for a 264-token 124M sample (1171 vs 1202 MiB), and
-    the same speed within this machine's noise. Training and scoring, whose tensors are large,
-    keep the pool. Set TF_ONEDNN_USE_SYSTEM_ALLOCATOR yourself to choose either way.
+
+def command_line(fn, args):
+    """`args` as fire should read them for `fn`: each flag written --name=value, and the text of
+    string flags and arguments quoted so that fire keeps it as typed. Raises UserError, before any
+    work is done, for a flag `fn` does not take or an argument too many (fire reported those only
+    after `fn` had run), a flag without its value, and a value of the wrong kind.
+
+    A parameter's kind is its annotation, else the type of a bool or str default. Flags are spelt
+    as fire takes them: --name value, --name=value, --no<name> for a switch, hyphens for
+    underscores, -x for the one flag starting with x. A switch takes a following True or False, and
+    no other word. What follows the last `--` is fire's own (--trace...); with -h or --help
+    anywhere, fire shows the help instead.
     """
-    if system_allocator:
-        os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")  # read when TensorFlow loads
-    tf = import_tensorflow()
-    if os.environ.get("GPT2_GRAPPLER") != "1":
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    params = inspect.signature(fn).parameters
+    if "-h" in args or "--help" in args or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return args
+    cut = len(args) - 1 - args[::-1].index("--") if "--" in args else len(args)
+    names = [n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL]
+    switches = [n for n in names if _kind(params[n]) is bool]
+    out, given, positional, rest = [], set(), [], args[:cut]
+    while rest:
+        arg, rest = rest[0], rest[1:]
+        if not _is_flag(arg):
+            positional.append(len(out))
+            out.append(arg)
+            continue
+        flag, equals, value = arg.partition("=")
+        name = flag.lstrip("-").replace("-", "_")
+        starting = [n for n in names if n.startswith(name)]
+        if len(name) == 1 and len(starting) == 1:
+            name = starting[0]
+        if name not in names and name.startswith("no") and name[2:] in switches:
+            if equals:
+                raise UserError(f"{flag} takes no value: give {flag} alone")
+            name, equals, value = name[2:], "=", "False"
+        if name not in names:
+            close = difflib.get_close_matches(name, names + ["no" + n for n in switches], n=1)
+            raise UserError(f"unknown flag {flag} ({f'did you mean --{close[0]}?' if close else '--help lists the flags'})")
+        if not equals and name in switches:
+            takes_word = bool(rest) and rest[0].lower() in ("true", "false")
+            value, rest = (rest[0], rest[1:]) if takes_word else ("True", rest)
+        elif not equals:
+            if not rest or _is_flag(rest[0]):
+                raise UserError(f"{flag} needs a value (write {flag}=VALUE for one that starts with -)")
+            value, rest = rest[0], rest[1:]
+        given.add(name)
+        out.append(f"--{name}={_source(name, _kind(params[name]), value)}")
+    # As fire binds them: arguments fill the parameters no flag gave, in order, then *args.
+    slots = [p for p in params.values() if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in given]
+    star = [p for p in params.values() if p.kind is p.VAR_POSITIONAL]
+    for i, index in enumerate(positional):
+        if out[index] == "-":
+            break  # fire's separator: what follows is not for `fn`
+        param = slots[i] if i < len(slots) else star[0] if star else None
+        if param is None:
+            raise UserError(f"unexpected argument {out[index]!r} (flags start with --; --help lists them)")
+        out[index] = _source(param.name, _kind(param), out[index])
+    return out + args[cut:]
+
+
+def _reader_gone(stream):
+    """Points a stream whose pipe was closed (`| head`) at /dev/null, so that the interpreter's
+    final flush does not raise and report it again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 def run(fn, quick_exit=False):
     """Runs `fn` as a fire CLI; a UserError becomes a one-line error and exit status 2.
 
+    Ctrl-C ends it with status 130 and a newline. A reader that stops reading (`| head`) ends
+    it quietly with status 141 (128 + SIGPIPE), as `yes | head` ends: the output was cut short.
+
     With `quick_exit` the process ends as soon as `fn` does, its output flushed, skipping the
-    interpreter's teardown, in which TensorFlow took ~0.7 s: longer than generating 8 tokens.
+    interpreter's teardown, in which TensorFlow takes longer than generating a few tokens.
     Only for entry points that leave no file open when `fn` returns.
     """
     import fire
 
     status = 0
     try:
-        fire.Fire(fn)
+        fire.Fire(fn, command=command_line(fn, sys.argv[1:]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         status = 2
@@ -151,11 +183,15 @@ def run(fn, quick_exit=False):
         # Ctrl-C is how users stop a run; it is not an error worth a traceback.
         print(file=sys.stderr)
         status = 130
+    except BrokenPipeError:
+        status = 141
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 141
+            if not stream.closed:
+                _reader_gone(stream)
     if quick_exit:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                status = status or 1  # the reader went away (a closed pipe): nothing more to tell it
         os._exit(status)
     sys.exit(status)

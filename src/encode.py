@@ -62,7 +62,8 @@ def write_npz(path, chunks):
     combine="Documents are gathered into chunks of at least this many characters; 0 makes each "
             "document a chunk.",
     encoding="Encoding of the text files, a Python codec name (utf-8, latin-1, cp1252, ...).")
-def encode(in_text, out_npz, model_name="124M", models_dir="models", combine=50000, encoding="utf-8"):
+def encode(in_text: str, out_npz: str, model_name: str = "124M", models_dir: str = "models", combine: int = 50000,
+           encoding: str = "utf-8"):
     out, added = npz_path(out_npz)
     if os.path.exists(out) and any(os.path.samefile(out, f) for f in dataset.dataset_files(in_text)):
         raise cli.UserError(f"{out} is part of the input {in_text}: write the output elsewhere")

@@ -1,5 +1,5 @@
-"""The one error type the library raises for bad input."""
+"""The project's one exception for bad input, importable by any module without side effects."""
 
 
 class UserError(Exception):
-    """Bad input from the user. The message is one line that says what to do."""
+    """Bad input; the message is one line that says what to do."""

@@ -269,8 +269,8 @@ def table(task, model_name, results):
     stride="Sliding-window step for long texts, in tokens (default: half the window).",
     limit="Evaluate only the first N examples (LAMBADA, CBT) or bytes (the others).",
     json="Print one JSON object instead of a table.")
-def evaluate(task, data=None, model_name="124M", models_dir="models", batch_size=8, stride=None, limit=None,
-             json=False):
+def evaluate(task: str, data: str = None, model_name: str = "124M", models_dir: str = "models",
+             batch_size: int = 8, stride: int = None, limit: int = None, json: bool = False):
     task = str(task).lower()
     if task not in TASKS:
         raise UserError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
@@ -280,7 +280,9 @@ def evaluate(task, data=None, model_name="124M", models_dir="models", batch_size
     if limit is not None:
         cli.check_whole("limit", limit, 1)
     examples = load_examples(task, str(data), limit)
-    cli.fast_start()
+    import runtime
+
+    runtime.fast_start()
     import api
     import score
 

@@ -3,21 +3,26 @@
 import sys
 
 import cli
+import runtime
+from errors import UserError
 
 
 def read_text(prompt=None, prompt_file=None):
     """The prompt text: the argument, else the file, else standard input, as strict UTF-8."""
     if prompt is not None and prompt_file is not None:
-        raise cli.UserError("give the prompt as an argument or with --prompt_file, not both")
+        raise UserError("give the prompt as an argument or with --prompt_file, not both")
     if prompt is not None:
-        # fire turns arguments like 12 or True into numbers and booleans; a prompt is text.
-        return prompt if isinstance(prompt, str) else str(prompt)
+        try:
+            prompt.encode("utf-8")  # an argument's undecodable bytes arrive as lone surrogates
+        except UnicodeEncodeError as e:
+            raise UserError(f"the prompt is not valid UTF-8 (character {e.start + 1}): convert it to UTF-8") from None
+        return prompt
     if prompt_file is not None:
         try:
             with open(prompt_file, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise cli.UserError(f"cannot read --prompt_file {prompt_file}: {e.strerror}") from None
+            raise UserError(f"cannot read --prompt_file {prompt_file}: {e.strerror}") from None
         source = prompt_file
     else:
         data = sys.stdin.buffer.read()
@@ -25,7 +30,7 @@ def read_text(prompt=None, prompt_file=None):
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise cli.UserError(f"{source} is not valid UTF-8 (byte {e.start}: {e.reason}): convert it to UTF-8") from None
+        raise UserError(f"{source} is not valid UTF-8 (byte {e.start}: {e.reason}): convert it to UTF-8") from None
 
 
 @cli.documented(
@@ -36,11 +41,12 @@ def read_text(prompt=None, prompt_file=None):
     nsamples='Samples to print for each prompt.',
     batch_size='Samples generated at once.',
     length="New tokens per sample (default: half the model's window, 512).")
-def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M", seed=None, nsamples=1,
-                 batch_size=1, length=None, temperature=1, top_k=0, top_p=1, models_dir="models",
-                 stop_at_eot=False, stop=None, dtype="float32"):
+def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = False, model_name: str = "124M",
+                 seed: int = None, nsamples: int = 1, batch_size: int = 1, length: int = None, temperature=1,
+                 top_k: int = 0, top_p=1, models_dir: str = "models", stop_at_eot: bool = False,
+                 stop: cli.str_or_list = None, dtype: str = "float32"):
     # Imported here so --help answers without starting TensorFlow.
-    cli.fast_start(system_allocator=True)
+    runtime.fast_start(system_allocator=True)
     import api
     import console
     import sample
@@ -49,7 +55,7 @@ def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M
     text = read_text(prompt, prompt_file)
     prompts = [line for line in text.splitlines() if line.strip()] if per_line else [text]
     if not prompts or not all(prompts):
-        raise cli.UserError("the prompt is empty: give some text")
+        raise UserError("the prompt is empty: give some text")
     cli.check_counts(nsamples, batch_size if not per_line else 1)
     cli.check_counts(batch_size, batch_size)  # batch_size itself: a whole number >= 1
     sample.Knobs.check(temperature, top_k, top_p)
@@ -60,8 +66,8 @@ def sample_model(prompt=None, prompt_file=None, per_line=False, model_name="124M
     for p, context in enumerate(contexts):
         try:
             sample.check_room(gpt.hparams.n_ctx, len(context), length)
-        except cli.UserError as e:
-            raise cli.UserError(f"prompt {p + 1}: {e}" if per_line else str(e)) from None
+        except UserError as e:
+            raise UserError(f"prompt {p + 1}: {e}" if per_line else str(e)) from None
     # Every (prompt, sample) pair is a row; batches are cut from them in order.
     rows = [(p, n) for p in range(len(contexts)) for n in range(nsamples)]
     base_seed = sample.new_seed(seed)

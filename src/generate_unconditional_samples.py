@@ -3,16 +3,18 @@
 import itertools
 
 import cli
+import runtime
 
 
 @cli.documented(
     'Prints unconditional samples, numbered from 1, until nsamples are out (or forever).',
     nsamples='Number of samples to print; 0 runs until Ctrl-C.',
     length="Tokens per sample (default: the model's window, 1024).")
-def sample_model(model_name="124M", seed=None, nsamples=0, batch_size=1, length=None, temperature=1,
-                 top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
+def sample_model(model_name: str = "124M", seed: int = None, nsamples: int = 0, batch_size: int = 1,
+                 length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
+                 stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32"):
     # Imported here so --help answers without starting TensorFlow.
-    cli.fast_start(system_allocator=True)
+    runtime.fast_start(system_allocator=True)
     import api
     import console
     import sample

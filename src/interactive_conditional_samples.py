@@ -7,6 +7,8 @@ or Ctrl-C quits.
 import sys
 
 import cli
+import runtime
+from errors import UserError
 
 PROMPT = "Model prompt >>> "
 CONTINUATION = "... "
@@ -31,20 +33,27 @@ def read_prompt():
     'Prompts for text and prints continuations, until end of input or Ctrl-C (exit status 0).\n\nA line ending in a backslash continues the prompt on the next line, for multi-line prompts.',
     nsamples='Samples to print for each prompt.',
     length="New tokens per sample (default: half the model's window, 512).")
-def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, length=None, temperature=1,
-                   top_k=0, top_p=1, models_dir="models", stop_at_eot=False, stop=None, dtype="float32"):
+def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1, batch_size: int = 1,
+                   length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
+                   stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32"):
     # Imported here so --help answers without starting TensorFlow.
-    cli.fast_start(system_allocator=True)
+    runtime.fast_start(system_allocator=True)
     import api
     import console
     import sample
 
     console.use_safe_stdout()
+    if sys.stdin is not None:
+        # A C.UTF-8 locale decodes stdin with surrogateescape, which lets bad bytes reach the encoder.
+        sys.stdin.reconfigure(errors="strict")
     cli.check_counts(nsamples, batch_size)
     sample.Knobs.check(temperature, top_k, top_p)
+    if length is not None:
+        cli.check_whole("length", length, 1)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2
+    sample.check_room(gpt.hparams.n_ctx, 1, length)  # now, rather than after each prompt
     base_seed = sample.new_seed(seed)
     prompts_done = 0
     try:
@@ -56,7 +65,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
             context = gpt.encode(raw_text)
             try:
                 sample.check_room(gpt.hparams.n_ctx, len(context), length)
-            except cli.UserError as e:
+            except UserError as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 continue
             for batch in range(nsamples // batch_size):
@@ -69,7 +78,7 @@ def interact_model(model_name="124M", seed=None, nsamples=1, batch_size=1, lengt
     except (EOFError, KeyboardInterrupt):
         print(flush=True)
     except UnicodeDecodeError as e:
-        raise cli.UserError(f"the input is not valid UTF-8 ({e.reason} at byte {e.start}): type or pipe UTF-8 text")
+        raise UserError(f"the input is not valid UTF-8 ({e.reason} at byte {e.start}): type or pipe UTF-8 text")
 
 
 if __name__ == "__main__":

@@ -111,9 +111,11 @@ def read_inputs(files):
     stride="Tokens the window moves by (default: half the window, 512); at most the window size.",
     batch_size="Windows run at once.",
     json="Print JSON with each token's id, text and log-probability.")
-def score(*files, model_name="124M", models_dir="models", stride=None, batch_size=8, json=False,
-          dtype="float32"):
-    cli.fast_start()
+def score(*files: str, model_name: str = "124M", models_dir: str = "models", stride: int = None,
+          batch_size: int = 8, json: bool = False, dtype: str = "float32"):
+    import runtime
+
+    runtime.fast_start()
     import api
 
     inputs = read_inputs([str(f) for f in files])

@@ -38,9 +38,8 @@ def build_model(hparams, weights, strategy, precision="float32"):
 
 
 def xla_suits(compute_dtype):
-    """Whether XLA speeds up training in `compute_dtype`. Its CPU backend multiplies 16-bit
-    matrices no faster than float32 ones, where TensorFlow's own (oneDNN) kernels run bfloat16
-    at twice the float32 rate on CPUs with AVX-512 BF16: 1.5x faster steps without XLA there."""
+    """Whether XLA speeds up training in `compute_dtype`: its CPU backend multiplies 16-bit
+    matrices no faster than float32 ones, where oneDNN's kernels run bfloat16 at twice the rate."""
     return compute_dtype == tf.float32 or bool(tf.config.list_logical_devices("GPU"))
 
 
@@ -72,8 +71,7 @@ class Trainer:
         noise: Probability of replacing each input token by a random one.
         seed: Seeds the noise.
         xla: Compile the training step with XLA, which fuses the elementwise work between the
-            matrix products (at the 124M shape on CPU a few percent faster with AVX-512, ~12% on
-            an AVX2 CPU, after ~10 s compiling).
+            matrix products (faster after seconds of compiling).
             Single device only, not with memory_saving_gradients (XLA would merge the
             recomputation away), and not for 16-bit precisions on a CPU (see `xla_suits`).
     """
@@ -99,8 +97,7 @@ class Trainer:
         # A compiled cluster sits on one device, so it cannot reach mirrored copies on others.
         self.xla = (bool(xla) and not self.recompute and strategy.num_replicas_in_sync == 1
                     and xla_suits(lm.compute_dtype))
-        # The whole step compiles, optimizer update included: as fast as compiling the gradients
-        # alone, and ~240 MB less memory at the 124M shape (gradients need not all be held at once).
+        # The whole step compiles, optimizer update included, so gradients need not all be held at once.
         self._step = tf.function(self._train_step, autograph=False, jit_compile=self.xla or None)
         self._accumulate = tf.function(self._accumulate_step, autograph=False, jit_compile=self.xla or None)
         self._apply_sums = tf.function(self._apply_accumulated, autograph=False)

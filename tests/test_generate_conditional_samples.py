@@ -1,9 +1,11 @@
 """generate_conditional_samples.py: prompts from an argument, a file or stdin; one per line."""
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import REPO_ROOT, SRC_DIR, run_script
 from test_generate_unconditional_samples import FLAGS, assert_one_line_error, headers
 
 SCRIPT = "generate_conditional_samples.py"
@@ -69,3 +71,31 @@ def test_prompt_too_long_says_how_much_room(tiny_models_dir):
 
 def test_missing_prompt_file(tiny_models_dir, tmp_path):
     assert_one_line_error(run(tiny_models_dir, "--prompt_file", tmp_path / "nope.txt"), r"cannot read --prompt_file")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["Hi", "--length", "abc"], r"^error: --length must be a whole number, got 'abc'$"),
+    (["--prompt_file"], r"^error: --prompt_file needs a value"),
+    (["--prompt_file", "1"], r"^error: cannot read --prompt_file 1: No such file"),  # not file descriptor 1
+])
+def test_flag_values_that_fire_would_misread(tiny_models_dir, args, pattern):
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, *args, stdin=b"")
+    assert_one_line_error(result, pattern)
+    assert result.stdout == ""
+
+
+def test_prompts_and_stops_that_look_like_numbers_are_text(tiny_models_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("12.50", encoding="utf-8")
+    typed = run(tiny_models_dir, "12.50", "--seed", 2, "--stop", "True", "--temperature", 0)
+    from_file = run(tiny_models_dir, "--prompt_file", tmp_path / "p.txt", "--seed", 2, "--stop", "True",
+                    "--temperature", 0)
+    assert typed.returncode == 0, typed.stderr
+    assert typed.stdout == from_file.stdout  # "12.50" was not read as the number 12.5
+
+
+def test_an_undecodable_prompt_argument_is_a_one_line_error(tiny_models_dir):
+    # Python passes an argument's undecodable bytes on as lone surrogates, which no encoder takes.
+    result = subprocess.run([sys.executable, f"{SRC_DIR}/{SCRIPT}", b"caf\xe9", "--model_name", "tiny",
+                             "--models_dir", tiny_models_dir], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=300)
+    assert_one_line_error(result, r"^error: the prompt is not valid UTF-8 \(character 4\): convert it to UTF-8$")

@@ -1,4 +1,5 @@
 """End-to-end runs of generate_unconditional_samples.py on a tiny random model."""
+import os
 import re
 import signal
 import subprocess
@@ -58,6 +59,9 @@ def test_seed_repeats_the_output(tiny_models_dir):
     (["--top_p", 1.5], r"--top_p must be in \(0, 1\]"),
     (["--temperature", -1], r"--temperature"),
     (["--model_name", "355M"], r"model '355M' not found .*download_model.py 355M"),
+    (["--models_dir", 2019], r"model 'tiny' not found in '2019'"),
+    (["--length", "abc"], r"--length must be a whole number, got 'abc'"),
+    (["--stop"], r"--stop needs a value"),
 ])
 def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
     base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1, "--length", 3]
@@ -91,3 +95,41 @@ def test_nsamples_zero_runs_until_ctrl_c(tiny_models_dir):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_piped_into_head_it_ends_quietly(tiny_models_dir):
+    process = subprocess.Popen(
+        [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+         "--nsamples", "0", "--length", "4", "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    assert headers(process.stdout.readline().decode()) == [1]
+    process.stdout.close()  # what `| head -n 1` does after its line
+    assert process.wait(timeout=240) == 141
+    assert process.stderr.read() == b""
+
+
+@pytest.mark.parametrize("stop", ["5", "1.5", "True"])
+def test_a_stop_that_looks_like_a_number_or_a_bool_is_text(tiny_models_dir, stop):
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1,
+                        "--length", 4, "--stop", stop)
+    assert result.returncode == 0, result.stderr
+    assert headers(result.stdout) == [1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="finds TensorFlow's library in /proc")
+def test_ctrl_c_during_start_up_prints_only_a_newline(tiny_models_dir):
+    process = subprocess.Popen(
+        [sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+         "--nsamples", "1", "--length", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT, preexec_fn=sigint_as_at_a_terminal)
+    # Interrupt once TensorFlow's library is loaded: the import is under way, its log captured.
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        with open(f"/proc/{process.pid}/maps") as maps:
+            if "libtensorflow" in maps.read():
+                break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert (out, err) == (b"", b"\n")

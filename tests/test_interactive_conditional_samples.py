@@ -1,12 +1,15 @@
 """The interactive loop, driven through standard input."""
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
-from test_generate_unconditional_samples import FLAGS, headers
+from test_generate_unconditional_samples import FLAGS, assert_one_line_error, headers
 
 SCRIPT = "interactive_conditional_samples.py"
 
@@ -81,3 +84,44 @@ def test_ctrl_c_at_the_prompt_exits_zero(tiny_models_dir):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert b"Traceback" not in err
+
+
+def test_a_length_that_is_not_a_number_is_refused_at_once(tiny_models_dir):
+    result = run(tiny_models_dir, "Hello\n", "--length", "abc")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: --length must be a whole number, got 'abc'\n"
+
+
+def test_a_stop_that_looks_like_a_number_is_text(tiny_models_dir):
+    result = run(tiny_models_dir, "Hello\n", "--stop", "1.5")
+    assert result.returncode == 0, result.stderr
+    assert headers(result.stdout) == [1]
+
+
+def test_undecodable_bytes_under_a_utf8_locale_are_a_one_line_error(tiny_models_dir):
+    # As the Dockerfiles run it: LANG=C.UTF-8 and no PYTHONIOENCODING, where Python reads stdin
+    # with surrogateescape, so that bad bytes arrive as text instead of raising.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE")}
+    env["LANG"] = "C.UTF-8"
+    probe = subprocess.run([sys.executable, "-c", "import sys; print(sys.stdin.errors)"], env=env,
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert probe.stdout.strip() == "surrogateescape"
+    result = subprocess.run([sys.executable, f"{SRC_DIR}/{SCRIPT}", "--model_name", "tiny", "--models_dir",
+                             tiny_models_dir, "--length", "4"], input=b"\xff\xfe\n", capture_output=True,
+                            env=env, cwd=REPO_ROOT, timeout=300)
+    err = result.stderr.decode("utf-8", errors="replace")
+    assert result.returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"error: the input is not valid UTF-8 .*: type or pipe UTF-8 text$", err.strip())
+
+
+@pytest.mark.parametrize("length,pattern", [
+    (200, r"Can't get samples longer than window size: 64 \(use --length 64 or less\)"),
+    (0, r"--length must be a whole number >= 1, got 0"),
+])
+def test_a_length_the_model_cannot_give_is_refused_before_the_first_prompt(tiny_models_dir, length, pattern):
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--length", length,
+                        stdin="Hello\nAgain\n")
+    assert result.returncode == 2
+    assert_one_line_error(result, pattern)
+    assert result.stdout == ""  # not even the prompt
