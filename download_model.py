@@ -1,7 +1,5 @@
 #!/usr/bin/env python3
 """Downloads a released GPT-2 model: python download_model.py 124M [--models_dir models]."""
-import difflib
-import inspect
 import json
 import math
 import os
@@ -14,6 +12,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
 import cli  # noqa: E402
+import runtime  # noqa: E402
 from hparams import SIZES, resolve_model_name  # noqa: E402
 
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2"
@@ -22,7 +21,6 @@ INDEX, DATA = "model.ckpt.index", "model.ckpt.data-00000-of-00001"
 # model by, so it comes last: an unfinished set never looks loadable.
 FILES = ("hparams.json", "encoder.json", "vocab.bpe", INDEX, DATA, "model.ckpt.meta", "checkpoint")
 GPT2_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-FLAG = re.compile(r"--|-[a-zA-Z]")  # what fire takes for a flag rather than a value
 TRIES = 5  # attempts in a row that receive nothing; an attempt that gets bytes resets the count
 CHUNK = 64 * 1024
 TIMEOUT_SECONDS = (15, 60)  # connect, and between two reads
@@ -187,7 +185,7 @@ def _problem(path, filename, size=None):
         from google.protobuf.message import DecodeError
 
         try:
-            cli.import_tensorflow().compat.v1.MetaGraphDef.FromString(content)
+            runtime.import_tensorflow().compat.v1.MetaGraphDef.FromString(content)
         except DecodeError:
             return "is not a TensorFlow graph"
     return None
@@ -196,7 +194,7 @@ def _problem(path, filename, size=None):
 def _data_size(index_path):
     """The data file's size in bytes that the checkpoint index at `index_path` needs; ValueError if
     TensorFlow cannot read the index."""
-    tf = cli.import_tensorflow()
+    tf = runtime.import_tensorflow()
     with tempfile.TemporaryDirectory() as scratch:
         # TensorFlow opens an index only by its prefix, `<prefix>.index`, which a .part is not; it
         # reads the data file only for values, so the index alone gives the shapes.
@@ -306,7 +304,7 @@ def _download_files(directory, base_url):
                 data_size = _data_size(path)
 
 
-def main(model_name=None, models_dir="models"):
+def main(model_name: str = None, models_dir: str = "models"):
     """Downloads a released GPT-2 model into MODELS_DIR/MODEL_NAME/; run it again to resume.
 
     Args:
@@ -319,46 +317,5 @@ def main(model_name=None, models_dir="models"):
     download_model(str(model_name), models_dir)
 
 
-def unknown_flag(fn, args):
-    """The error for the first flag in `args` (before fire's `--`) that names no parameter of `fn`, or
-    None. Fire itself would take such a flag for a call on `fn`'s result, so fail only after `fn` ran."""
-    params = inspect.signature(fn).parameters
-    known = {"help", "h", *params, *("no" + n for n, p in params.items() if isinstance(p.default, bool))}
-    for arg in args:
-        if arg == "--":
-            break  # fire's own flags follow
-        if not FLAG.match(arg):
-            continue  # a value, or a negative number
-        flag = arg.split("=", 1)[0]
-        key = flag.lstrip("-").replace("-", "_")
-        if key in known or len(key) == 1 and any(n.startswith(key) for n in params):
-            continue  # fire reads -m as the one parameter starting with m
-        close = difflib.get_close_matches(key, list(params), n=1)
-        hint = f"did you mean --{close[0]}?" if close else "the flags are " + ", ".join(f"--{n}" for n in params)
-        return f"unknown flag {flag} ({hint})"
-    return None
-
-
-def as_typed(args):
-    """`args` with every value quoted as a Python string, which fire parses back to exactly what was
-    typed; unquoted, `--models_dir 2019.10` would reach main as the float 2019.1. For entry points
-    whose parameters all take strings (main's are a name and a path)."""
-    typed = []
-    for i, arg in enumerate(args):
-        if arg == "--":
-            return typed + args[i:]  # fire's own flags
-        flag, equals, value = arg.partition("=")
-        if FLAG.match(arg):
-            typed.append(flag + equals + repr(value) if equals else arg)
-        else:
-            typed.append(arg if arg == "-" else repr(arg))  # a lone - is fire's separator
-    return typed
-
-
 if __name__ == "__main__":
-    flag_error = unknown_flag(main, sys.argv[1:])
-    if flag_error:
-        print(f"error: {flag_error}", file=sys.stderr)
-        sys.exit(2)
-    sys.argv[1:] = as_typed(sys.argv[1:])
     cli.run(main)

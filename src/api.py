@@ -6,36 +6,18 @@
 [' ...']
 """
 import codecs
-import os
 
 import numpy as np
 
 import checkpoint
 import decode
 import encoder as encoder_lib
-import hparams as hparams_lib
 import model as model_lib
 import sample as sample_lib
 import score as score_lib
+import runtime
 from errors import UserError
 from runtime import tf
-
-
-def configure_devices():
-    """Lets TensorFlow grow GPU memory as needed instead of taking it all at start-up.
-
-    GPT2_CPU_DEVICES=N splits the CPU into N logical devices, so multi-device training
-    (--strategy mirrored) can be tried and tested on a machine without GPUs.
-    """
-    try:
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-        cpus = int(os.environ.get("GPT2_CPU_DEVICES") or 0)
-        if cpus > 1:
-            tf.config.set_logical_device_configuration(
-                tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * cpus)
-    except RuntimeError:
-        pass  # devices already initialised: configured before, or cannot change now
 
 
 def load(model_name="124M", models_dir="models", dtype="float32"):
@@ -49,7 +31,7 @@ def load(model_name="124M", models_dir="models", dtype="float32"):
     Returns:
         A `Model`.
     """
-    configure_devices()
+    runtime.configure_devices()
     lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
     return Model(lm, encoder_lib.Encoder.from_dir(lm.path))
 

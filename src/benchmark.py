@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import cli
+import runtime
 
 
 def _timed_generate(sampler, contexts, length, max_chunk=32, top_k=40, seed=1):
@@ -257,7 +258,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         train_precision: float32, mixed_bfloat16 or mixed_float16, as train.py's --precision.
     """
     if not keep_grappler:
-        cli.fast_start()
+        runtime.fast_start()
     import tensorflow as tf
 
     import checkpoint

@@ -8,8 +8,6 @@ import sys
 import typing
 
 from errors import UserError
-# Re-exported for the modules that still call cli.fast_start / cli.import_tensorflow.
-from runtime import fast_start, import_tensorflow  # noqa: F401
 
 
 # Flags the sampling scripts share, documented once; `documented` builds each script's --help.
@@ -161,6 +159,16 @@ def _reader_gone(stream):
     os.close(devnull)
 
 
+def as_flags(message, fn):
+    """A library error in the command line's terms: a parameter of `fn` that "must" be something,
+    or that the message says to "use", is named as its flag (`top_k must` -> `--top_k must`)."""
+    names = "|".join(re.escape(p) for p in sorted(inspect.signature(fn).parameters, key=len, reverse=True))
+    if not names:
+        return message
+    return re.sub(rf"(?<![\w-])({names})(?= (?:must|\(\d+\) must)\b)|(?<=\buse )({names})(?= )",
+                  lambda m: "--" + (m.group(1) or m.group(2)), message)
+
+
 def run(fn, quick_exit=False):
     """Runs `fn` as a fire CLI; a UserError becomes a one-line error and exit status 2.
 
@@ -177,7 +185,7 @@ def run(fn, quick_exit=False):
     try:
         fire.Fire(fn, command=command_line(fn, sys.argv[1:]))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {as_flags(str(e), fn)}", file=sys.stderr, flush=True)
         status = 2
     except KeyboardInterrupt:
         # Ctrl-C is how users stop a run; it is not an error worth a traceback.

@@ -106,8 +106,8 @@ def _read_text(name, encoding):
         text = data.decode(encoding)
     except UnicodeError as e:
         detail = f"byte {e.start}: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e)
-        raise UserError(f"{name} is not valid {encoding} ({detail}): pass its encoding, "
-                        f"e.g. --encoding latin-1, or convert it to {encoding}") from None
+        raise UserError(f"{name} is not valid {encoding} ({detail}): use encoding latin-1 (or the file's own), "
+                        f"or convert it to {encoding}") from None
     # Universal newlines, as the fork's text-mode reads gave: Windows files train like the rest.
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
@@ -147,8 +147,8 @@ def _check_options(combine, encoding):
         # Unlike codecs.lookup, decoding also rejects bytes-to-bytes codecs such as base64.
         b"\0\0\0\0".decode(encoding, "ignore")
     except (LookupError, TypeError, UnicodeError):
-        raise UserError(f"encoding {encoding!r} is not a text codec Python knows: give one such as utf-8, "
-                        f"latin-1 or cp1252") from None
+        raise UserError(f"encoding must be a text codec Python knows, such as utf-8, latin-1 or cp1252; "
+                        f"got {encoding!r}") from None
 
 
 def join_documents(documents, eot_token):

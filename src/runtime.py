@@ -85,3 +85,21 @@ def __getattr__(name):
     if name == "tf":
         return import_tensorflow()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def configure_devices():
+    """Lets TensorFlow grow GPU memory as needed instead of taking it all at start-up.
+
+    GPT2_CPU_DEVICES=N splits the CPU into N logical devices, so multi-device training
+    (--strategy mirrored) can be tried and tested on a machine without GPUs.
+    """
+    tf = import_tensorflow()
+    try:
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        cpus = int(os.environ.get("GPT2_CPU_DEVICES") or 0)
+        if cpus > 1:
+            tf.config.set_logical_device_configuration(
+                tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * cpus)
+    except RuntimeError:
+        pass  # devices already initialised: configured before, or cannot change now

@@ -90,15 +90,15 @@ def read_inputs(files):
             else:
                 data = stream.read()
         except OSError as e:
-            raise cli.UserError(f"cannot read {name}: {e.strerror}") from None
+            raise UserError(f"cannot read {name}: {e.strerror}") from None
         if b"\0" in data:
-            raise cli.UserError(f"{name} looks binary (it holds NUL bytes): score text files")
+            raise UserError(f"{name} looks binary (it holds NUL bytes): score text files")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise cli.UserError(f"{name} is not valid UTF-8 (byte {e.start}): convert it to UTF-8") from None
+            raise UserError(f"{name} is not valid UTF-8 (byte {e.start}): convert it to UTF-8") from None
         if not text:
-            raise cli.UserError(f"{name} is empty: nothing to score")
+            raise UserError(f"{name} is empty: nothing to score")
         inputs.append((name, text))
     return inputs
 
@@ -116,20 +116,22 @@ def score(*files: str, model_name: str = "124M", models_dir: str = "models", str
     import runtime
 
     runtime.fast_start()
-    import api
+    runtime.configure_devices()
+    import encoder as encoder_lib
+    import model as model_lib
 
     inputs = read_inputs([str(f) for f in files])
-    gpt = api.load(model_name, models_dir, dtype=dtype)
-    n_ctx = gpt.hparams.n_ctx
-    check_stride(stride, n_ctx)
+    lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
+    enc = encoder_lib.Encoder.from_dir(lm.path)
+    check_stride(stride, lm.hparams.n_ctx)
     cli.check_whole("batch_size", batch_size, 1)
-    token_lists = [gpt.encode(text) for _, text in inputs]
-    scored = score_tokens(gpt.lm, token_lists, gpt.eot_token, stride=stride, batch_size=batch_size)
+    token_lists = [enc.encode(text) for _, text in inputs]
+    scored = score_tokens(lm, token_lists, enc.eot_token, stride=stride, batch_size=batch_size)
     reports = []
     for (name, text), tokens, logprobs in zip(inputs, token_lists, scored):
         report = {"input": name, **summarize(text, tokens, logprobs)}
         if json:
-            report["token_logprobs"] = [{"id": t, "text": gpt.decode([t]), "logprob": lp}
+            report["token_logprobs"] = [{"id": t, "text": enc.decode([t]), "logprob": lp}
                                         for t, lp in zip(tokens, logprobs)]
         reports.append(report)
     if json:

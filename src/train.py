@@ -82,8 +82,9 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     if sample_every and sample_num:
         check_directory("sample_dir", samples_dir)
 
-    cli.import_tensorflow()
-    import api
+    import runtime
+
+    runtime.import_tensorflow()
     import checkpoint
     import dataset as dataset_lib
     import encoder as encoder_lib
@@ -98,7 +99,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         out.print(f"{run_dir} is already at step {start_step} and --max_steps is {max_steps}: nothing to do "
                   "(raise --max_steps to train further)")
         return
-    api.configure_devices()
+    runtime.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
     hp = checkpoint.load_hparams(source_dir)

@@ -5,6 +5,8 @@ import textwrap
 
 import pytest
 
+import cli
+
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 
@@ -82,3 +84,14 @@ def test_output_left_in_the_buffer_for_a_gone_reader_is_dropped_quietly():
     process.stdout.close()
     assert process.wait(timeout=60) == 141
     assert process.stderr.read() == b""
+
+
+def test_library_errors_name_the_flags_of_the_entry_point():
+    def entry(top_k=0, length=None, batch_size=1):
+        pass
+
+    assert cli.as_flags("top_k must be a whole number >= 0", entry) == "--top_k must be a whole number >= 0"
+    assert cli.as_flags("the window is 64: use length 9 or less", entry) == "the window is 64: use --length 9 or less"
+    assert cli.as_flags("batch_size (3) must be a multiple of 2", entry) == "--batch_size (3) must be a multiple of 2"
+    assert cli.as_flags("top_p must be in (0, 1]", entry) == "top_p must be in (0, 1]"  # not a flag of entry
+    assert cli.as_flags("--top_k must be", entry) == "--top_k must be"

@@ -173,16 +173,16 @@ def test_errors_are_one_line_and_say_what_to_do(enc, tmp_path):
     write(tmp_path, {"z.txt": b"caf\xe9 ok"})
     with pytest.raises(UserError) as e:
         dataset.load_dataset(enc, tmp_path, progress=False)
-    one_line_error(e, "z.txt is not valid utf-8 (byte 3", "--encoding")
+    one_line_error(e, "z.txt is not valid utf-8 (byte 3", "use encoding latin-1")
     with pytest.raises(UserError) as e:
         dataset.load_dataset(enc, tmp_path, encoding="no-such-codec", progress=False)
-    one_line_error(e, "--encoding 'no-such-codec' is not a text codec")
+    one_line_error(e, "encoding must be a text codec Python knows", "'no-such-codec'")
     with pytest.raises(UserError) as e:
         dataset.load_dataset(enc, tmp_path, encoding="base64", progress=False)
-    one_line_error(e, "--encoding 'base64' is not a text codec")
+    one_line_error(e, "encoding must be a text codec Python knows", "'base64'")
     with pytest.raises(UserError) as e:
         dataset.load_dataset(enc, tmp_path, combine=-1, progress=False)
-    one_line_error(e, "--combine must be")
+    one_line_error(e, "combine must be")
 
 
 # Chunks whose tokens are all distinct, so a window's first token says where it starts.

@@ -108,7 +108,7 @@ def test_the_model_directory_vocabulary_is_used_when_present(tmp_path):
     (None, ["missing", "out.npz"], r"^error: no dataset files match '.*missing'"),
     ({"empty.txt": b""}, ["in", "out.npz"], r"^error: the dataset '.*in' holds no text"),
     ({"latin.txt": b"caf\xe9"}, ["in", "out.npz"], r"^error: .*latin\.txt is not valid utf-8 .*--encoding"),
-    ({"a.txt": b"x"}, ["in", "out.npz", "--encoding", "nope"], r"^error: --encoding 'nope' is not a text codec"),
+    ({"a.txt": b"x"}, ["in", "out.npz", "--encoding", "nope"], r"^error: --encoding must be a text codec Python knows, .*; got 'nope'$"),
     ({"a.txt": b"x"}, ["in", "out.npz", "--combine", -5], r"^error: --combine must be a whole number"),
     ({"a.txt": b"x"}, ["in", "in/a.txt/out.npz"], r"^error: cannot write .*out\.npz"),
     ({"a.txt": b"x", "old.npz": None}, ["in", "in/old.npz"], r"^error: .*old\.npz is part of the input"),

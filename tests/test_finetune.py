@@ -1,6 +1,5 @@
 """The fine-tuning loop in process: samples come from one sampler per run."""
 import io
-import os
 import sys
 
 import numpy as np

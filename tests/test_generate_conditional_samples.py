@@ -66,7 +66,8 @@ def test_bad_prompt_files(tiny_models_dir, tmp_path, content, pattern):
 
 def test_prompt_too_long_says_how_much_room(tiny_models_dir):
     result = run(tiny_models_dir, " word" * 60, length=10)
-    assert_one_line_error(result, r"the prompt is 60 tokens, which leaves room for 5 new tokens")
+    assert_one_line_error(result, r"the prompt is 60 tokens and the window 64, so 10 new tokens do not fit: use --length 5 or less, "
+                                  r"or a prompt 5 tokens shorter$")
 
 
 def test_missing_prompt_file(tiny_models_dir, tmp_path):

@@ -116,7 +116,7 @@ def test_undecodable_bytes_under_a_utf8_locale_are_a_one_line_error(tiny_models_
 
 
 @pytest.mark.parametrize("length,pattern", [
-    (200, r"Can't get samples longer than window size: 64 \(use --length 64 or less\)"),
+    (200, r"can't get samples longer than the window: --length must be at most 64$"),
     (0, r"--length must be a whole number >= 1, got 0"),
 ])
 def test_a_length_the_model_cannot_give_is_refused_before_the_first_prompt(tiny_models_dir, length, pattern):
