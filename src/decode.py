@@ -49,6 +49,14 @@ def _row_block_then_logits(x, a, p, ln_f, wte):
     return model.logits(norm(block_output(x, a, p), ln_f), wte)
 
 
+def _attention_part(p):
+    return p._replace(attn_proj=None, ln_2=None, mlp_fc=None, mlp_proj=None)
+
+
+def _rest_part(p):
+    return p._replace(ln_1=None, attn=None)
+
+
 class Slots(NamedTuple):
     """Where one step reads and writes every layer's cache, worked out once per step."""
 
@@ -157,7 +165,8 @@ class Decoder:
 
         one_row = self.lm.compute_dtype != tf.float32 and tokens.shape[0] == 1 and tokens.shape[1] == 1
         blocks, new_state = w.blocks, []
-        qkv = _row_first(x, blocks[0]) if one_row else None
+        # The compiled pieces get only the weights they read: every argument costs a little per call.
+        qkv = _row_first(x, _attention_part(blocks[0])) if one_row else None
         for i, p in enumerate(blocks):
             if not one_row:
                 qkv = attention_input(x, p)
@@ -166,9 +175,9 @@ class Decoder:
             if not one_row:
                 x = block_output(x, a, p)
             elif i + 1 < len(blocks):
-                x, qkv = _row_block_then_next(x, a, p, blocks[i + 1])
+                x, qkv = _row_block_then_next(x, a, _rest_part(p), _attention_part(blocks[i + 1]))
             else:
-                logits = _row_block_then_logits(x, a, p, w.ln_f, w.wte)
+                logits = _row_block_then_logits(x, a, _rest_part(p), w.ln_f, w.wte)
         if not one_row:
             logits = next_logits(norm(tf.reshape(x, tf.stack([b, t, hp.n_embd]))[:, -1], w.ln_f), w.wte)  # [B, V]
         return logits, new_state
