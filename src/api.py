@@ -83,7 +83,8 @@ class Model:
         return contexts
 
     def stream(self, prompts, length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-               stop_at_eot=False, stop=None):
+               stop_at_eot=False, stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+               logit_bias=None, bad_words=None, min_length=0):
         """Generates text for each prompt, yielding `(row, text)` pieces as tokens are made.
 
         Args:
@@ -95,15 +96,58 @@ class Model:
             seed: The same seed gives the same text.
             stop_at_eot: End a row at `<|endoftext|>` (not included in the text).
             stop: A string or list of strings that end a row (not included).
+            repetition_penalty: CTRL's penalty on tokens of the prompt or the output (> 0; 1: off).
+            presence_penalty: Subtracted once from tokens already generated (-2 to 2; 0: off).
+            frequency_penalty: Subtracted per time a token was generated (-2 to 2; 0: off).
+            logit_bias: {token id or one-token string: bias added to its logit}; -100 bans.
+            bad_words: Strings (or token-id lists) never generated; a string is banned as it
+                encodes and, unless it starts with a space, after a space too.
+            min_length: No end-of-text before this many new tokens.
 
-        Bad options raise here, before any text: this is not itself a generator.
+        The controls apply to the raw logits before temperature, top-k and top-p, in the order
+        `processors.process` gives. Bad options raise here, before any text: this is not itself
+        a generator.
         """
         contexts = self._contexts(prompts)
         if length is None:
             length = self.hparams.n_ctx // 2
         tokens = self.sampler.generate(contexts, length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, stop_at_eot=stop_at_eot)
+                                       seed=seed, stop_at_eot=stop_at_eot, repetition_penalty=repetition_penalty,
+                                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                       logit_bias=self._bias_ids(logit_bias), bad_words=self._bad_word_ids(bad_words),
+                                       min_length=min_length)
         return self._pieces(tokens, [RowText(self.encoder, stop, stop_at_eot) for _ in contexts])
+
+    def _bias_ids(self, logit_bias):
+        """logit_bias with its string keys as their token ids."""
+        if not isinstance(logit_bias, dict):
+            return logit_bias  # the sampler says what it takes
+        biases = {}
+        for key, value in logit_bias.items():
+            if isinstance(key, str):
+                tokens = self.encode(key)
+                if len(tokens) != 1:
+                    raise UserError(f"logit_bias must map strings of one token; {key!r} is {len(tokens)} tokens "
+                                    "(give token ids, or ban it with bad_words)")
+                key = tokens[0]
+            biases[key] = value
+        return biases
+
+    def _bad_word_ids(self, bad_words):
+        """bad_words with each string as its tokens, and as its tokens after a space."""
+        if isinstance(bad_words, str):
+            bad_words = [bad_words]
+        if not isinstance(bad_words, (list, tuple)):
+            return bad_words  # the sampler says what it takes
+        words = []
+        for word in bad_words:
+            if not isinstance(word, str):
+                words.append(word)
+                continue
+            if not self.encode(word):
+                raise UserError(f"bad_words must be strings of at least one token, got {word!r}")
+            words += [self.encode(w) for w in dict.fromkeys([word] if word[0].isspace() else [word, " " + word])]
+        return words
 
     @staticmethod
     def _pieces(tokens, rows):

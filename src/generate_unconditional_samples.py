@@ -12,16 +12,22 @@ import runtime
     length="Tokens per sample (default: the model's window, 1024).")
 def sample_model(model_name: str = "124M", seed: int = None, nsamples: int = 0, batch_size: int = 1,
                  length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
-                 stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32"):
+                 stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32",
+                 repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
+                 bad_words: cli.str_or_list = None, min_length: int = 0):
     # Imported here so --help answers without starting TensorFlow.
     runtime.fast_start(system_allocator=True)
     import api
     import console
+    import processors
     import sample
 
     console.use_safe_stdout()
     cli.check_counts(nsamples, batch_size, allow_forever=True)
     sample.Knobs.check(temperature, top_k, top_p)
+    controls = cli.controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words,
+                            min_length)
+    processors.Controls.check(**controls)  # before loading the model, as every flag is
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx
@@ -34,7 +40,8 @@ def sample_model(model_name: str = "124M", seed: int = None, nsamples: int = 0, 
                 break
             contexts = [[gpt.eot_token]] * batch_size
             pieces = gpt.stream(contexts, length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                seed=sample.batch_seed(base_seed, batch), stop_at_eot=stop_at_eot, stop=stop)
+                                seed=sample.batch_seed(base_seed, batch), stop_at_eot=stop_at_eot, stop=stop,
+                                **controls)
             console.print_batch(pieces, [generated + r + 1 for r in range(batch_size)])
             generated += batch_size
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """Sampling: temperature, top-k and top-p filters, the draw, and the compiled decode loop.
 
-Filters are pure logits -> logits functions. The loop runs inside one tf.function over an
+Filters are pure logits -> logits functions; the generation controls (processors.py) run on the
+raw logits before them. The loop runs inside one tf.function over an
 engine (`decode.Decoder`, or a stub in tests) and hands tokens out in chunks, so the Python side
 streams them without paying a call per token. The knobs are tensors: one trace serves every value.
 """
@@ -9,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+import processors
 from errors import UserError
 from runtime import tf
 
@@ -211,16 +213,17 @@ class Sampler:
                         for batch in (None, 1)}
         self.sample_last = tf.function(self._last, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool), Knobs.spec(),
-            tf.TensorSpec([], tf.int32)])
+            processors.ControlTensors.spec(), processors.Tally.spec(), tf.TensorSpec([], tf.int32)])
 
     def _chunk_signature(self, batch):
         scalar = tf.TensorSpec([], tf.int32)
         return [tf.TensorSpec([batch, None], tf.float32), self.engine.state_spec, tf.TensorSpec([batch], tf.bool),
-                scalar, tf.TensorSpec([batch], tf.int32), scalar, scalar, Knobs.spec()]
+                scalar, tf.TensorSpec([batch], tf.int32), scalar, scalar, Knobs.spec(),
+                processors.ControlTensors.spec(), processors.Tally.spec(batch)]
 
     def chunk_function(self, batch):
         """The compiled loop for a stream of `batch` rows: (logits, state, done, pos, pad,
-        n_steps, step, knobs) -> (tokens [n, batch], logits, state, done)."""
+        n_steps, step, knobs, controls, tally) -> (tokens [n, batch], logits, state, done, tally)."""
         return self._chunks[1 if batch == 1 else None]
 
     def traces(self):
@@ -231,38 +234,49 @@ class Sampler:
         engine_traces = getattr(self.engine, "traces", None)
         return dict(counts, **(engine_traces() if engine_traces else {}))
 
-    def _pick(self, logits, done, knobs, step):
+    def _pick(self, logits, done, knobs, controls, tally, step):
+        # With every control off the processors are skipped, not run as no-ops.
+        logits = tf.cond(controls.on, lambda: processors.process(logits, controls, tally, step, self.eot_token),
+                         lambda: logits)
         token = sample_logits(logits, knobs, tf.stack([knobs.seed, tf.cast(step, tf.int64)]))
         # Finished rows keep emitting end-of-text so the batch stays rectangular.
         token = tf.where(done, self.eot_token, token)
-        return token, tf.logical_or(done, tf.logical_and(knobs.stop_at_eot, tf.equal(token, self.eot_token)))
+        tally = tf.cond(controls.on, lambda: processors.record(tally, token), lambda: tally)
+        done = tf.logical_or(done, tf.logical_and(knobs.stop_at_eot, tf.equal(token, self.eot_token)))
+        return token, done, tally
 
-    def _chunk(self, logits, state, done, pos, pad, n_steps, step, knobs):
+    def _chunk(self, logits, state, done, pos, pad, n_steps, step, knobs, controls, tally):
         """Samples up to n_steps tokens, feeding each back; stops early once every row is done."""
         tokens = tf.TensorArray(tf.int32, size=0, dynamic_size=True)
 
-        def body(j, logits, state, done, tokens):
-            token, done = self._pick(logits, done, knobs, step + j)
+        def body(j, logits, state, done, tally, tokens):
+            token, done, tally = self._pick(logits, done, knobs, controls, tally, step + j)
             logits, state = self.engine.step(token, pos + j, pad, state)
-            return j + 1, logits, state, done, tokens.write(j, token)
+            return j + 1, logits, state, done, tally, tokens.write(j, token)
 
-        def more(j, logits, state, done, tokens):
+        def more(j, logits, state, done, tally, tokens):
             return tf.logical_and(j < n_steps, tf.logical_not(tf.reduce_all(done)))
 
-        j, logits, state, done, tokens = tf.while_loop(more, body, [tf.constant(0), logits, state, done, tokens])
+        j, logits, state, done, tally, tokens = tf.while_loop(
+            more, body, [tf.constant(0), logits, state, done, tally, tokens])
         # [j, B] for numpy to transpose: oneDNN takes over int32 Transpose only to log an error
         # line and fall back to Eigen.
-        return tf.reshape(tokens.stack(), [j, tf.shape(logits)[0]]), logits, state, done
+        return tf.reshape(tokens.stack(), [j, tf.shape(logits)[0]]), logits, state, done, tally
 
-    def _last(self, logits, done, knobs, step):
-        token, done = self._pick(logits, done, knobs, step)
+    def _last(self, logits, done, knobs, controls, tally, step):
+        token, done, _ = self._pick(logits, done, knobs, controls, tally, step)
         return token[:, None], done
 
     def generate(self, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_at_eot=False,
-                 max_chunk=32):
-        """Samples `length` tokens after each context (token lists); see `TokenStream`."""
+                 max_chunk=32, **controls):
+        """Samples `length` tokens after each context (token lists); see `TokenStream`.
+
+        `controls` are `processors.Controls.check`'s (repetition_penalty, presence_penalty,
+        frequency_penalty, logit_bias, bad_words, min_length), given as token ids.
+        """
         knobs = Knobs.check(temperature, top_k, top_p, seed, stop_at_eot)
-        return TokenStream(self, contexts, length, knobs, max_chunk=max_chunk)
+        checked = processors.Controls.check(**controls, n_vocab=self.hparams.n_vocab)
+        return TokenStream(self, contexts, length, knobs, max_chunk=max_chunk, controls=checked)
 
 
 # Tokens made one call each (chunks of one) before the chunks start to grow, so they stream at once.
@@ -277,7 +291,7 @@ class TokenStream:
     stop string does. Generation ends when `length` tokens are out or every row has ended.
     """
 
-    def __init__(self, sampler, contexts, length, knobs, max_chunk=32):
+    def __init__(self, sampler, contexts, length, knobs, max_chunk=32, controls=processors.Controls()):
         length = check_length(length)
         contexts = [[int(t) for t in c] for c in contexts]
         if not contexts or any(len(c) == 0 for c in contexts):
@@ -291,6 +305,8 @@ class TokenStream:
         self._length = length
         self._prompt_length = longest
         self._knobs = knobs.tensors()
+        self._controls = controls.tensors(sampler.hparams.n_vocab)
+        self._tally = controls.tally(contexts, sampler.hparams.n_vocab)
         self._max_chunk = max(1, int(max_chunk))
         self._done = np.zeros([len(contexts)], bool)
 
@@ -315,9 +331,9 @@ class TokenStream:
             else:
                 n = min(chunk, self._max_chunk, self._length - 1 - produced)
                 chunk *= 2
-            out, logits, state, done = run(logits, state, tf.constant(self._done),
-                                           tf.constant(self._prompt_length + produced), self._pad, tf.constant(n),
-                                           tf.constant(produced), self._knobs)
+            out, logits, state, done, self._tally = run(
+                logits, state, tf.constant(self._done), tf.constant(self._prompt_length + produced), self._pad,
+                tf.constant(n), tf.constant(produced), self._knobs, self._controls, self._tally)
             self._done |= done.numpy()
             out = out.numpy().T
             produced += out.shape[1]
@@ -326,6 +342,7 @@ class TokenStream:
             if out.shape[1] < n:
                 return
         if produced == self._length - 1 and not self._done.all():
-            out, done = s.sample_last(logits, tf.constant(self._done), self._knobs, tf.constant(produced))
+            out, done = s.sample_last(logits, tf.constant(self._done), self._knobs, self._controls, self._tally,
+                                      tf.constant(produced))
             self._done |= done.numpy()
             yield out.numpy()

@@ -164,3 +164,40 @@ def test_token_prompts_out_of_the_vocabulary_are_user_errors(gpt):
 def test_score_checks_its_stride(gpt, stride):
     with pytest.raises(UserError, match="stride must be a whole number from 1 to the window size 64"):
         gpt.score("some text to score", stride=stride)
+
+
+def test_controls_left_off_give_todays_samples(gpt):
+    off = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias={}, bad_words=[],
+               min_length=0)
+    for options in [dict(top_k=40, seed=3), dict(seed=5), dict(top_p=0.9, temperature=0.8, seed=9),
+                    dict(temperature=0)]:
+        prompts = ["Hello there", "A"]
+        assert gpt.generate(prompts, length=20, **options) == gpt.generate(prompts, length=20, **options, **off)
+
+
+def test_bad_words_as_text_ban_their_tokens_as_written_and_after_a_space(gpt):
+    plain = gpt.generate("Hello there", length=12, temperature=0)
+    first = gpt.decode(gpt.encode(plain)[:1]).strip()
+    as_text = gpt.generate("Hello there", length=12, temperature=0, bad_words=[first])
+    as_ids = gpt.generate("Hello there", length=12, temperature=0,
+                          bad_words=[gpt.encode(first), gpt.encode(" " + first)])
+    assert as_text == as_ids != plain
+
+
+def test_logit_bias_takes_one_token_strings_for_their_ids(gpt):
+    plain = gpt.generate("Hello there", length=12, temperature=0)
+    token = gpt.encode(plain)[0]
+    by_text = gpt.generate("Hello there", length=12, temperature=0, logit_bias={gpt.decode([token]): -100})
+    assert by_text == gpt.generate("Hello there", length=12, temperature=0, logit_bias={token: -100}) != plain
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(logit_bias={"two words": 1}), "logit_bias must map strings of one token; 'two words' is 2 tokens"),
+    (dict(logit_bias={50257: 1}), "logit_bias must hold token ids from 0 to 50256, got 50257"),
+    (dict(logit_bias={" the": "up"}), "logit_bias must be a number"),
+    (dict(bad_words=["ok", ""]), "bad_words must be strings of at least one token, got ''"),
+    (dict(repetition_penalty=0), "repetition_penalty must be a number > 0"),
+])
+def test_bad_controls_are_user_errors_before_any_text(gpt, options, message):
+    with pytest.raises(UserError, match=message):
+        gpt.stream("Hello", length=3, **options)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, SRC_DIR, run_script
-from test_generate_unconditional_samples import FLAGS, assert_one_line_error, headers
+from test_generate_unconditional_samples import CONTROL_FLAGS, CONTROLS, FLAGS, assert_one_line_error, headers
 
 SCRIPT = "generate_conditional_samples.py"
 
@@ -100,3 +100,13 @@ def test_an_undecodable_prompt_argument_is_a_one_line_error(tiny_models_dir):
                              "--models_dir", tiny_models_dir], capture_output=True, text=True, cwd=REPO_ROOT,
                             timeout=300)
     assert_one_line_error(result, r"^error: the prompt is not valid UTF-8 \(character 4\): convert it to UTF-8$")
+
+
+def test_the_controls_give_the_apis_text(tiny_models_dir):
+    import api
+
+    result = run(tiny_models_dir, "Hello there", "--temperature", 0, *CONTROL_FLAGS, length=12)
+    assert result.returncode == 0, result.stderr
+    gpt = api.load("tiny", tiny_models_dir)
+    want = gpt.generate("Hello there", 12, temperature=0, **CONTROLS)
+    assert samples(result.stdout) == [want] and want != gpt.generate("Hello there", 12, temperature=0)
