@@ -201,3 +201,52 @@ def test_logit_bias_takes_one_token_strings_for_their_ids(gpt):
 def test_bad_controls_are_user_errors_before_any_text(gpt, options, message):
     with pytest.raises(UserError, match=message):
         gpt.stream("Hello", length=3, **options)
+
+
+PARITY_PROMPT = "The cat sat on the mat and then"
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(gpt):
+    """Greedy tokens from Hugging Face transformers' `generate` on our weights (skips without it)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import hf_compat
+
+    hf = hf_compat.to_hf(gpt.lm)
+    ids = gpt.encode(PARITY_PROMPT)
+
+    def run(length, **options):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=length, do_sample=False, pad_token_id=gpt.eot_token,
+                              eos_token_id=gpt.eot_token, **options)
+        return out[0, len(ids):].tolist()
+
+    return run
+
+
+def our_greedy(gpt, length, **controls):
+    chunks = gpt.sampler.generate([gpt.encode(PARITY_PROMPT)], length, temperature=0, stop_at_eot=True, **controls)
+    return np.concatenate(list(chunks), axis=1)[0].tolist()
+
+
+@pytest.mark.parametrize("case", ["repetition_penalty", "banned_token", "banned_pair", "min_length", "together"])
+def test_greedy_controls_match_hugging_face_generate(gpt, hf_greedy, case):
+    plain = our_greedy(gpt, 20)
+    assert plain == hf_greedy(20)
+    eot = gpt.eot_token
+    ours, theirs = {
+        "repetition_penalty": (dict(repetition_penalty=1.8), dict(repetition_penalty=1.8)),
+        "banned_token": (dict(bad_words=[plain[:1]]), dict(bad_words_ids=[plain[:1]])),
+        "banned_pair": (dict(bad_words=[plain[3:5]]), dict(bad_words_ids=[plain[3:5]])),
+        # A bias makes end-of-text the likeliest token, so only the minimum length holds it back.
+        "min_length": (dict(logit_bias={eot: 100}, min_length=7),
+                       dict(sequence_bias={(eot,): 100.0}, min_new_tokens=7)),
+        "together": (dict(repetition_penalty=1.3, bad_words=[plain[1:2]], logit_bias={eot: 100}, min_length=11),
+                     dict(repetition_penalty=1.3, bad_words_ids=[plain[1:2]], sequence_bias={(eot,): 100.0},
+                          min_new_tokens=11)),
+    }[case]
+    got = our_greedy(gpt, 20, **ours)
+    assert got == hf_greedy(20, **theirs)
+    assert got != plain
