@@ -82,9 +82,7 @@ class Model:
             contexts.append(tokens)
         return contexts
 
-    def stream(self, prompts, length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-               stop_at_eot=False, stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-               logit_bias=None, bad_words=None, min_length=0):
+    def stream(self, prompts, length=None, **options):
         """Generates text for each prompt, yielding `(row, text)` pieces as tokens are made.
 
         Args:
@@ -108,15 +106,21 @@ class Model:
         `processors.process` gives. Bad options raise here, before any text: this is not itself
         a generator.
         """
-        contexts = self._contexts(prompts)
+        tokens, rows = self._start(self._contexts(prompts), length, None, **options)
+        return self._pieces(tokens, rows)
+
+    def _start(self, contexts, length, logprobs, *, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+               stop_at_eot=False, stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+               logit_bias=None, bad_words=None, min_length=0):
+        """The token stream of `stream`'s options, and a `RowText` per row."""
         if length is None:
             length = self.hparams.n_ctx // 2
         tokens = self.sampler.generate(contexts, length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, stop_at_eot=stop_at_eot, repetition_penalty=repetition_penalty,
-                                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                       logit_bias=self._bias_ids(logit_bias), bad_words=self._bad_word_ids(bad_words),
-                                       min_length=min_length)
-        return self._pieces(tokens, [RowText(self.encoder, stop, stop_at_eot) for _ in contexts])
+                                       seed=seed, stop_at_eot=stop_at_eot, logprobs=logprobs,
+                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, logit_bias=self._bias_ids(logit_bias),
+                                       bad_words=self._bad_word_ids(bad_words), min_length=min_length)
+        return tokens, [RowText(self.encoder, stop, stop_at_eot) for _ in contexts]
 
     def _bias_ids(self, logit_bias):
         """logit_bias with its string keys as their token ids."""
@@ -158,6 +162,26 @@ class Model:
                     tokens.stop([r])
                 if piece:
                     yield r, piece
+        for r, row in enumerate(rows):
+            piece = row.finish()
+            if piece:
+                yield r, piece
+
+    def _token_pieces(self, tokens, rows, records):
+        """As `_pieces`, a token at a time, recording each token that makes it into a row's text."""
+        for chunk in tokens:
+            for r, row in enumerate(rows):
+                for j, token in enumerate(chunk[r]):
+                    if row.finished:
+                        break
+                    ends_row = row.ends_at(token)
+                    piece = row.feed([token])
+                    if not ends_row:
+                        records.add(r, token, *(part[r, j] for part in tokens.logprobs))
+                    if piece:
+                        yield r, piece
+                if row.finished:
+                    tokens.stop([r])
         for r, row in enumerate(rows):
             piece = row.finish()
             if piece:
@@ -256,14 +280,42 @@ class Model:
         """Where this model's encoder.json and vocab.bpe are (every GPT-2 size shares one vocabulary)."""
         return getattr(self.lm, "path", None) or encoder_lib.default_vocab_dir()
 
-    def generate(self, prompts, length=None, **options):
+    def generate(self, prompts, length=None, logprobs=None, **options):
         """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a
-        single string prompt)."""
+        single string prompt).
+
+        With `logprobs` N, each text comes as a dict instead: {"prompt", "text", "tokens"}, with
+        one {"id", "text", "logprob", "top_logprobs"} per token of the text: its natural-log
+        probability under the model's own distribution (before the controls and filters) and
+        the N likeliest tokens as [text, logprob] pairs (none for 0).
+        """
         contexts = self._contexts(prompts)
         texts = [""] * len(contexts)
-        for r, piece in self.stream(contexts, length, **options):
+        tokens, rows = self._start(contexts, length, logprobs, **options)
+        if logprobs is None:
+            pieces = self._pieces(tokens, rows)
+        else:
+            records = TokenRecords(self.encoder, len(contexts))
+            pieces = self._token_pieces(tokens, rows, records)
+        for r, piece in pieces:
             texts[r] += piece
+        if logprobs is not None:
+            prompt_texts = [prompts] if isinstance(prompts, str) else [self.decode(c) for c in contexts]
+            texts = [dict(prompt=p, text=t, tokens=kept) for p, t, kept in zip(prompt_texts, texts, records.rows)]
         return texts[0] if isinstance(prompts, str) else texts
+
+
+class TokenRecords:
+    """Each row's tokens with their log-probabilities, as `generate(logprobs=N)` returns them."""
+
+    def __init__(self, encoder, n_rows):
+        self._encoder = encoder
+        self.rows = [[] for _ in range(n_rows)]
+
+    def add(self, row, token, logprob, top, top_ids):
+        text = self._encoder.decode
+        self.rows[row].append(dict(id=int(token), text=text([int(token)]), logprob=float(logprob),
+                                   top_logprobs=[[text([int(i)]), float(v)] for i, v in zip(top_ids, top)]))
 
 
 class RowText:
@@ -282,6 +334,10 @@ class RowText:
         self._text = ""
         self._emitted = 0
         self.finished = False
+
+    def ends_at(self, token):
+        """Whether `token` ends the row without being part of its text (end-of-text)."""
+        return self._stop_at_eot and int(token) == self._encoder.eot_token
 
     def feed(self, tokens):
         if self.finished:

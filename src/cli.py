@@ -36,7 +36,17 @@ SHARED_ARGS = {
     "bad_words": "A string, or a list like '[\"foo\", \"bar baz\"]', never generated (as it encodes, and after a "
                  "space).",
     "min_length": "No <|endoftext|> before this many new tokens.",
+    "json": "Print one JSON object per sample, {\"prompt\": ..., \"text\": ...}, a line each, instead of the "
+            "SAMPLE blocks.",
+    "logprobs": "With --json, add \"tokens\": each token's id, text, natural-log probability under the model "
+                "(before the controls and filters) and the N likeliest alternatives (0: none).",
 }
+
+
+def check_logprobs(json, logprobs):
+    """UserError unless --logprobs, if given, comes with --json."""
+    if logprobs is not None and not json:
+        raise UserError("--logprobs needs --json: the log-probabilities are printed as JSON lines")
 
 def controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words, min_length):
     """The generation controls' flags as the API takes them: --logit_bias's JSON read, its keys

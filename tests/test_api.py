@@ -250,3 +250,50 @@ def test_greedy_controls_match_hugging_face_generate(gpt, hf_greedy, case):
     got = our_greedy(gpt, 20, **ours)
     assert got == hf_greedy(20, **theirs)
     assert got != plain
+
+
+def full_pass_logprobs(gpt, context, tokens):
+    """Log-softmax of one full pass over context + tokens at each new token's position."""
+    ids = list(context) + list(tokens)
+    logits = gpt.lm(np.array([ids], np.int32))["logits"].numpy()[0].astype(np.float64)
+    logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return logprobs[len(context) - 1:len(ids) - 1]
+
+
+def test_logprobs_equal_scores_of_the_same_tokens(gpt):
+    import score
+
+    sample = gpt.generate([[gpt.eot_token]], 20, top_k=40, seed=2, logprobs=3)[0]
+    ids = [t["id"] for t in sample["tokens"]]
+    assert len(ids) == 20 and gpt.decode(ids) == sample["text"] and sample["prompt"] == "<|endoftext|>"
+    scored = score.score_tokens(gpt.lm, [ids], gpt.eot_token)[0]
+    np.testing.assert_allclose([t["logprob"] for t in sample["tokens"]], scored, atol=1e-4)
+
+
+def test_logprobs_and_alternatives_are_the_models_before_the_controls(gpt):
+    result = gpt.generate("Hello there", 10, temperature=0.7, seed=4, logprobs=5, repetition_penalty=3.0,
+                          bad_words=["the"])
+    assert result["prompt"] == "Hello there"
+    ids = [t["id"] for t in result["tokens"]]
+    expected = full_pass_logprobs(gpt, gpt.encode("Hello there"), ids)
+    for token, row in zip(result["tokens"], expected):
+        assert token["logprob"] == pytest.approx(row[token["id"]], abs=1e-4)
+        best = np.argsort(-row)[:5]
+        assert [text for text, _ in token["top_logprobs"]] == [gpt.decode([int(i)]) for i in best]
+        np.testing.assert_allclose([lp for _, lp in token["top_logprobs"]], row[best], atol=1e-4)
+        assert token["text"] == gpt.decode([token["id"]])
+
+
+def test_logprobs_zero_lists_no_alternatives_and_end_of_text_is_not_a_token(gpt):
+    results = gpt.generate(["Hi", "Some longer prompt"], 12, temperature=0, logprobs=0, stop_at_eot=True,
+                           logit_bias={gpt.eot_token: 100}, min_length=4)
+    for result, prompt in zip(results, ["Hi", "Some longer prompt"]):
+        assert result["prompt"] == prompt and len(result["tokens"]) == 4
+        assert all(t["top_logprobs"] == [] for t in result["tokens"])
+        assert gpt.eot_token not in [t["id"] for t in result["tokens"]]
+        assert result["text"] == gpt.decode([t["id"] for t in result["tokens"]])
+
+
+def test_logprobs_keep_the_text(gpt):
+    for options in [dict(temperature=0), dict(top_k=40, seed=8)]:
+        assert gpt.generate("Seeded", 15, logprobs=2, **options)["text"] == gpt.generate("Seeded", 15, **options)

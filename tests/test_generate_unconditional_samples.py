@@ -79,6 +79,8 @@ def test_seed_repeats_the_output(tiny_models_dir):
     (["--logit_bias", '{"50257": 1}'], r"--logit_bias must hold token ids from 0 to 50256, got 50257"),
     (["--logit_bias", '{"two words": 1}'], r"--logit_bias must map strings of one token; 'two words' is 2 tokens"),
     (["--bad_words", '["fine", ""]'], r"--bad_words must be strings or token-id lists of one token or more, got ''"),
+    (["--logprobs", 2], r"--logprobs needs --json"),
+    (["--json", "--logprobs", -1], r"--logprobs must be a whole number >= 0"),
 ])
 def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
     base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1, "--length", 3]
@@ -162,3 +164,17 @@ def test_the_controls_give_the_apis_samples(tiny_models_dir):
                         **CONTROLS)
     assert texts == want
     assert want != gpt.generate([[gpt.eot_token]] * 2, 12, top_k=20, seed=sample.batch_seed(4, 0))
+
+
+def test_json_prints_one_object_per_sample_with_tokens_when_asked(tiny_models_dir):
+    import json
+
+    base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 4, "--batch_size", 2,
+            "--length", 6, "--seed", 3, "--json"]
+    plain, scored = run_script(SCRIPT, *base), run_script(SCRIPT, *base, "--logprobs", 0)
+    assert plain.returncode == scored.returncode == 0, plain.stderr + scored.stderr
+    plain, scored = ([json.loads(line) for line in r.stdout.splitlines()] for r in (plain, scored))
+    assert [set(r) for r in plain] == [{"prompt", "text"}] * 4
+    assert [r["text"] for r in scored] == [r["text"] for r in plain]
+    assert all(len(r["tokens"]) == 6 and r["prompt"] == "<|endoftext|>" for r in scored)
+    assert all(t["top_logprobs"] == [] and t["logprob"] < 0 for r in scored for t in r["tokens"])

@@ -368,3 +368,37 @@ def test_other_control_values_reuse_the_traces(stub_sampler):
              bad_words=[[1, 2, 3], [4]], min_length=3)
     generate(stub_sampler, [[1, 2, 3]], 10, seed=2)
     assert stub_sampler.traces() == before
+
+
+def test_logprobs_are_the_models_own_before_controls_and_filters(fixed_sampler):
+    stream = fixed_sampler.generate([[1], [2]], 9, top_k=3, seed=5, repetition_penalty=2.0, logprobs=4, max_chunk=2)
+    raw = FixedModel.row - np.log(np.exp(FixedModel.row.astype(np.float64)).sum())
+    order = np.argsort(-raw)[:4]
+    for chunk in stream:
+        own, top, top_ids = stream.logprobs
+        assert own.shape == chunk.shape and top.shape == top_ids.shape == chunk.shape + (4,)
+        np.testing.assert_allclose(own, raw[chunk], atol=1e-5)
+        assert (top_ids == order).all()
+        np.testing.assert_allclose(top, np.broadcast_to(raw[order], top.shape), atol=1e-5)
+
+
+def test_logprobs_zero_reports_the_tokens_own_only_and_none_is_none(stub_sampler):
+    stream = stub_sampler.generate([[3]], 4, temperature=0, logprobs=0)
+    for chunk in stream:
+        assert stream.logprobs[0].shape == chunk.shape and stream.logprobs[1].shape == chunk.shape + (0,)
+    stream = stub_sampler.generate([[3]], 4, temperature=0)
+    assert [stream.logprobs for _ in stream] == [None] * 4
+
+
+def test_asking_for_logprobs_reuses_the_traces_and_keeps_the_tokens(stub_sampler):
+    plain = generate(stub_sampler, [[1], [4]], 12, top_k=5, seed=3)
+    before = stub_sampler.traces()
+    assert (generate(stub_sampler, [[1], [4]], 12, top_k=5, seed=3, logprobs=3) == plain).all()
+    generate(stub_sampler, [[1]], 12, seed=2, logprobs=0)
+    assert stub_sampler.traces() == before
+
+
+def test_logprobs_must_be_a_whole_number(stub_sampler):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UserError, match="logprobs must be a whole number >= 0"):
+            stub_sampler.generate([[1]], 3, logprobs=bad)
