@@ -82,8 +82,7 @@ class Model:
             contexts.append(tokens)
         return contexts
 
-    def stream(self, prompts, length=None, *, temperature=1.0, top_k=0, top_p=1.0, seed=None,
-               stop_at_eot=False, stop=None):
+    def stream(self, prompts, length=None, **options):
         """Generates text for each prompt, yielding `(row, text)` pieces as tokens are made.
 
         Args:
@@ -95,15 +94,64 @@ class Model:
             seed: The same seed gives the same text.
             stop_at_eot: End a row at `<|endoftext|>` (not included in the text).
             stop: A string or list of strings that end a row (not included).
+            repetition_penalty: CTRL's penalty on tokens of the prompt or the output (> 0; 1: off).
+            presence_penalty: Subtracted once from tokens already generated (-2 to 2; 0: off).
+            frequency_penalty: Subtracted per time a token was generated (-2 to 2; 0: off).
+            logit_bias: {token id or one-token string: bias added to its logit}; -100 bans.
+            bad_words: Strings (or token-id lists) never generated; a string is banned as it
+                encodes and, unless it starts with a space, after a space too.
+            min_length: No end-of-text before this many new tokens.
 
-        Bad options raise here, before any text: this is not itself a generator.
+        The controls apply to the raw logits before temperature, top-k and top-p, in the order
+        `processors.process` gives. Bad options raise here, before any text: this is not itself
+        a generator.
         """
-        contexts = self._contexts(prompts)
+        tokens, rows = self._start(self._contexts(prompts), length, None, **options)
+        return self._pieces(tokens, rows)
+
+    def _start(self, contexts, length, logprobs, *, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+               stop_at_eot=False, stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+               logit_bias=None, bad_words=None, min_length=0):
+        """The token stream of `stream`'s options, and a `RowText` per row."""
         if length is None:
             length = self.hparams.n_ctx // 2
         tokens = self.sampler.generate(contexts, length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, stop_at_eot=stop_at_eot)
-        return self._pieces(tokens, [RowText(self.encoder, stop, stop_at_eot) for _ in contexts])
+                                       seed=seed, stop_at_eot=stop_at_eot, logprobs=logprobs,
+                                       repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, logit_bias=self._bias_ids(logit_bias),
+                                       bad_words=self._bad_word_ids(bad_words), min_length=min_length)
+        return tokens, [RowText(self.encoder, stop, stop_at_eot) for _ in contexts]
+
+    def _bias_ids(self, logit_bias):
+        """logit_bias with its string keys as their token ids."""
+        if not isinstance(logit_bias, dict):
+            return logit_bias  # the sampler says what it takes
+        biases = {}
+        for key, value in logit_bias.items():
+            if isinstance(key, str):
+                tokens = self.encode(key)
+                if len(tokens) != 1:
+                    raise UserError(f"logit_bias must map strings of one token; {key!r} is {len(tokens)} tokens "
+                                    "(give token ids, or ban it with bad_words)")
+                key = tokens[0]
+            biases[key] = value
+        return biases
+
+    def _bad_word_ids(self, bad_words):
+        """bad_words with each string as its tokens, and as its tokens after a space."""
+        if isinstance(bad_words, str):
+            bad_words = [bad_words]
+        if not isinstance(bad_words, (list, tuple)):
+            return bad_words  # the sampler says what it takes
+        words = []
+        for word in bad_words:
+            if not isinstance(word, str):
+                words.append(word)
+                continue
+            if not self.encode(word):
+                raise UserError(f"bad_words must be strings of at least one token, got {word!r}")
+            words += [self.encode(w) for w in dict.fromkeys([word] if word[0].isspace() else [word, " " + word])]
+        return words
 
     @staticmethod
     def _pieces(tokens, rows):
@@ -114,6 +162,26 @@ class Model:
                     tokens.stop([r])
                 if piece:
                     yield r, piece
+        for r, row in enumerate(rows):
+            piece = row.finish()
+            if piece:
+                yield r, piece
+
+    def _token_pieces(self, tokens, rows, records):
+        """As `_pieces`, a token at a time, recording each token that makes it into a row's text."""
+        for chunk in tokens:
+            for r, row in enumerate(rows):
+                for j, token in enumerate(chunk[r]):
+                    if row.finished:
+                        break
+                    ends_row = row.ends_at(token)
+                    piece = row.feed([token])
+                    if not ends_row:
+                        records.add(r, token, *(part[r, j] for part in tokens.logprobs))
+                    if piece:
+                        yield r, piece
+                if row.finished:
+                    tokens.stop([r])
         for r, row in enumerate(rows):
             piece = row.finish()
             if piece:
@@ -212,14 +280,42 @@ class Model:
         """Where this model's encoder.json and vocab.bpe are (every GPT-2 size shares one vocabulary)."""
         return getattr(self.lm, "path", None) or encoder_lib.default_vocab_dir()
 
-    def generate(self, prompts, length=None, **options):
+    def generate(self, prompts, length=None, logprobs=None, **options):
         """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a
-        single string prompt)."""
+        single string prompt).
+
+        With `logprobs` N, each text comes as a dict instead: {"prompt", "text", "tokens"}, with
+        one {"id", "text", "logprob", "top_logprobs"} per token of the text: its natural-log
+        probability under the model's own distribution (before the controls and filters) and
+        the N likeliest tokens as [text, logprob] pairs (none for 0).
+        """
         contexts = self._contexts(prompts)
         texts = [""] * len(contexts)
-        for r, piece in self.stream(contexts, length, **options):
+        tokens, rows = self._start(contexts, length, logprobs, **options)
+        if logprobs is None:
+            pieces = self._pieces(tokens, rows)
+        else:
+            records = TokenRecords(self.encoder, len(contexts))
+            pieces = self._token_pieces(tokens, rows, records)
+        for r, piece in pieces:
             texts[r] += piece
+        if logprobs is not None:
+            prompt_texts = [prompts] if isinstance(prompts, str) else [self.decode(c) for c in contexts]
+            texts = [dict(prompt=p, text=t, tokens=kept) for p, t, kept in zip(prompt_texts, texts, records.rows)]
         return texts[0] if isinstance(prompts, str) else texts
+
+
+class TokenRecords:
+    """Each row's tokens with their log-probabilities, as `generate(logprobs=N)` returns them."""
+
+    def __init__(self, encoder, n_rows):
+        self._encoder = encoder
+        self.rows = [[] for _ in range(n_rows)]
+
+    def add(self, row, token, logprob, top, top_ids):
+        text = self._encoder.decode
+        self.rows[row].append(dict(id=int(token), text=text([int(token)]), logprob=float(logprob),
+                                   top_logprobs=[[text([int(i)]), float(v)] for i, v in zip(top_ids, top)]))
 
 
 class RowText:
@@ -238,6 +334,10 @@ class RowText:
         self._text = ""
         self._emitted = 0
         self.finished = False
+
+    def ends_at(self, token):
+        """Whether `token` ends the row without being part of its text (end-of-text)."""
+        return self._stop_at_eot and int(token) == self._encoder.eot_token
 
     def feed(self, tokens):
         if self.finished:

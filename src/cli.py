@@ -2,6 +2,7 @@
 any work, and one-line errors instead of tracebacks."""
 import difflib
 import inspect
+import json
 import os
 import re
 import sys
@@ -24,7 +25,42 @@ SHARED_ARGS = {
     "stop": "A string, or a list like '[\"\\n\\n\", \"THE END\"]', that ends a sample when generated.",
     "dtype": "float32 (default, exact) or bfloat16 (weights and matrix products in bf16: for GPUs and "
              "CPUs with AVX-512 BF16).",
+    "repetition_penalty": "Tokens already in the prompt or the output: a positive logit is divided by it, a "
+                          "negative one multiplied (CTRL's penalty, as Hugging Face's); 1 turns it off.",
+    "presence_penalty": "Subtracted from the logit of every token generated so far (the OpenAI API's, -2 to 2); "
+                        "0 turns it off.",
+    "frequency_penalty": "Subtracted from a token's logit once per time it was generated (the OpenAI API's, -2 to "
+                         "2); 0 turns it off.",
+    "logit_bias": "JSON mapping token ids or one-token strings to a bias added to their logits (-100 to 100; -100 "
+                  "bans), like '{\"50256\": -100, \" the\": 2}'.",
+    "bad_words": "A string, or a list like '[\"foo\", \"bar baz\"]', never generated (as it encodes, and after a "
+                 "space).",
+    "min_length": "No <|endoftext|> before this many new tokens.",
+    "json": "Print one JSON object per sample, {\"prompt\": ..., \"text\": ...}, a line each, instead of the "
+            "SAMPLE blocks.",
+    "logprobs": "With --json, add \"tokens\": each token's id, text, natural-log probability under the model "
+                "(before the controls and filters) and the N likeliest alternatives (0: none).",
 }
+
+
+def check_logprobs(json, logprobs):
+    """UserError unless --logprobs, if given, comes with --json."""
+    if logprobs is not None and not json:
+        raise UserError("--logprobs needs --json: the log-probabilities are printed as JSON lines")
+
+def controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words, min_length):
+    """The generation controls' flags as the API takes them: --logit_bias's JSON read, its keys
+    that are whole numbers as token ids and the others as text."""
+    if logit_bias is not None:
+        try:
+            bias = json.loads(logit_bias)
+        except json.JSONDecodeError:
+            bias = None
+        if not isinstance(bias, dict):
+            raise UserError(f"--logit_bias must be a JSON object like '{{\"50256\": -100}}', got {logit_bias!r}")
+        logit_bias = {int(k) if re.fullmatch("[0-9]+", k) else k: v for k, v in bias.items()}
+    return dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, logit_bias=logit_bias, bad_words=bad_words, min_length=min_length)
 
 
 def documented(summary, **specific):

@@ -1,4 +1,5 @@
 """Printing samples in the reference's format, streaming the first row of each batch."""
+import json
 import sys
 
 
@@ -38,3 +39,11 @@ def print_batch(pieces, numbers, after_row=None):
         print(flush=True)
         if after_row and after_row(row):
             print(after_row(row), flush=True)
+
+
+def print_json(prompts, results):
+    """Prints one JSON object a line per sample: `results` are `api.Model.generate`'s, texts or
+    (with logprobs) dicts; `prompts` the prompt text of each."""
+    for prompt, result in zip(prompts, results):
+        record = result if isinstance(result, dict) else dict(prompt=prompt, text=result)
+        print(json.dumps(record, ensure_ascii=False), flush=True)

@@ -44,11 +44,14 @@ def read_text(prompt=None, prompt_file=None):
 def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = False, model_name: str = "124M",
                  seed: int = None, nsamples: int = 1, batch_size: int = 1, length: int = None, temperature=1,
                  top_k: int = 0, top_p=1, models_dir: str = "models", stop_at_eot: bool = False,
-                 stop: cli.str_or_list = None, dtype: str = "float32"):
+                 stop: cli.str_or_list = None, dtype: str = "float32",
+                 repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
+                 bad_words: cli.str_or_list = None, min_length: int = 0, json: bool = False, logprobs: int = None):
     # Imported here so --help answers without starting TensorFlow.
     runtime.fast_start(system_allocator=True)
     import api
     import console
+    import processors
     import sample
 
     console.use_safe_stdout()
@@ -59,6 +62,11 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
     cli.check_counts(nsamples, batch_size if not per_line else 1)
     cli.check_counts(batch_size, batch_size)  # batch_size itself: a whole number >= 1
     sample.Knobs.check(temperature, top_k, top_p)
+    controls = cli.controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words,
+                            min_length)
+    processors.Controls.check(**controls)  # before loading the model, as every flag is
+    cli.check_logprobs(json, logprobs)
+    sample.Knobs.check(logprobs=logprobs)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2
@@ -73,9 +81,13 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
     base_seed = sample.new_seed(seed)
     for batch, start in enumerate(range(0, len(rows), batch_size)):
         batch_rows = rows[start:start + batch_size]
-        pieces = gpt.stream([contexts[p] for p, _ in batch_rows], length, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=sample.batch_seed(base_seed, batch),
-                            stop_at_eot=stop_at_eot, stop=stop)
+        options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=sample.batch_seed(base_seed, batch),
+                       stop_at_eot=stop_at_eot, stop=stop, **controls)
+        if json:
+            batch_prompts = [prompts[p] for p, _ in batch_rows]
+            console.print_json(batch_prompts, gpt.generate(batch_prompts, length, logprobs=logprobs, **options))
+            continue
+        pieces = gpt.stream([contexts[p] for p, _ in batch_rows], length, **options)
 
         def separator(row, batch_rows=batch_rows):
             return "=" * 80 if batch_rows[row][1] == nsamples - 1 else None

@@ -35,11 +35,14 @@ def read_prompt():
     length="New tokens per sample (default: half the model's window, 512).")
 def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1, batch_size: int = 1,
                    length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
-                   stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32"):
+                   stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32",
+                   repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
+                   bad_words: cli.str_or_list = None, min_length: int = 0):
     # Imported here so --help answers without starting TensorFlow.
     runtime.fast_start(system_allocator=True)
     import api
     import console
+    import processors
     import sample
 
     console.use_safe_stdout()
@@ -48,6 +51,9 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
         sys.stdin.reconfigure(errors="strict")
     cli.check_counts(nsamples, batch_size)
     sample.Knobs.check(temperature, top_k, top_p)
+    controls = cli.controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words,
+                            min_length)
+    processors.Controls.check(**controls)  # before loading the model, as every flag is
     if length is not None:
         cli.check_whole("length", length, 1)
     gpt = api.load(model_name, models_dir, dtype=dtype)
@@ -71,7 +77,7 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
             for batch in range(nsamples // batch_size):
                 seed_ = sample.batch_seed(base_seed, prompts_done * (nsamples // batch_size) + batch)
                 pieces = gpt.stream([context] * batch_size, length, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed_, stop_at_eot=stop_at_eot, stop=stop)
+                                    top_p=top_p, seed=seed_, stop_at_eot=stop_at_eot, stop=stop, **controls)
                 console.print_batch(pieces, [batch * batch_size + r + 1 for r in range(batch_size)])
             print("=" * 80, flush=True)
             prompts_done += 1

@@ -1,6 +1,7 @@
 """Sampling: temperature, top-k and top-p filters, the draw, and the compiled decode loop.
 
-Filters are pure logits -> logits functions. The loop runs inside one tf.function over an
+Filters are pure logits -> logits functions; the generation controls (processors.py) run on the
+raw logits before them. The loop runs inside one tf.function over an
 engine (`decode.Decoder`, or a stub in tests) and hands tokens out in chunks, so the Python side
 streams them without paying a call per token. The knobs are tensors: one trace serves every value.
 """
@@ -9,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+import processors
 from errors import UserError
 from runtime import tf
 
@@ -72,6 +74,14 @@ def draw_filtered(logits, knobs, seed):
     return draw(top_p_logits(top_k_logits(logits / knobs.temperature, knobs.top_k), knobs.top_p), seed)
 
 
+def token_logprobs(logits, token, n):
+    """What a token's probability was: its natural log under softmax(logits) [batch], and the n
+    likeliest tokens' log-probabilities [batch, n] (descending) with their ids [batch, n]."""
+    logprobs = tf.nn.log_softmax(logits, axis=-1)
+    top = tf.math.top_k(logprobs, k=tf.minimum(n, tf.shape(logprobs)[-1]))
+    return tf.gather(logprobs, token, batch_dims=1), top.values, top.indices
+
+
 def k_best(logits, k, temperature):
     """The k best logits of each row over temperature, with TIE_ROOM more fetched for ties.
 
@@ -132,11 +142,14 @@ class Knobs(NamedTuple):
     top_p: float = 1.0
     seed: int = 0
     stop_at_eot: bool = False
+    logprobs: int = -1  # likeliest alternatives reported per token; 0 only the token's own; -1 none
 
     @classmethod
-    def check(cls, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_at_eot=False):
-        """Knobs from user values, raising UserError for any out of range; seed None is random."""
+    def check(cls, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_at_eot=False, logprobs=None):
+        """Knobs from user values, raising UserError for any out of range; seed None is random,
+        logprobs None reports none."""
         top_k = _whole("top_k", top_k, 0)
+        logprobs = -1 if logprobs is None else _whole("logprobs", logprobs, 0)
         try:
             top_p, temperature = float(top_p), float(temperature)
         except (TypeError, ValueError):
@@ -145,15 +158,16 @@ class Knobs(NamedTuple):
             raise UserError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}")
         if not temperature >= 0 or temperature == float("inf"):
             raise UserError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-        return cls(temperature, top_k, top_p, new_seed(seed), bool(stop_at_eot))
+        return cls(temperature, top_k, top_p, new_seed(seed), bool(stop_at_eot), logprobs)
+
+    DTYPES = (tf.float32, tf.int32, tf.float32, tf.int64, tf.bool, tf.int32)
 
     def tensors(self):
-        dtypes = (tf.float32, tf.int32, tf.float32, tf.int64, tf.bool)
-        return Knobs(*(tf.constant(v, d) for v, d in zip(self, dtypes)))
+        return Knobs(*(tf.constant(v, d) for v, d in zip(self, self.DTYPES)))
 
     @staticmethod
     def spec():
-        return Knobs(*(tf.TensorSpec([], d) for d in (tf.float32, tf.int32, tf.float32, tf.int64, tf.bool)))
+        return Knobs(*(tf.TensorSpec([], d) for d in Knobs.DTYPES))
 
 
 def new_seed(seed=None):
@@ -211,16 +225,18 @@ class Sampler:
                         for batch in (None, 1)}
         self.sample_last = tf.function(self._last, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool), Knobs.spec(),
-            tf.TensorSpec([], tf.int32)])
+            processors.ControlTensors.spec(), processors.Tally.spec(), tf.TensorSpec([], tf.int32)])
 
     def _chunk_signature(self, batch):
         scalar = tf.TensorSpec([], tf.int32)
         return [tf.TensorSpec([batch, None], tf.float32), self.engine.state_spec, tf.TensorSpec([batch], tf.bool),
-                scalar, tf.TensorSpec([batch], tf.int32), scalar, scalar, Knobs.spec()]
+                scalar, tf.TensorSpec([batch], tf.int32), scalar, scalar, Knobs.spec(),
+                processors.ControlTensors.spec(), processors.Tally.spec(batch)]
 
     def chunk_function(self, batch):
         """The compiled loop for a stream of `batch` rows: (logits, state, done, pos, pad,
-        n_steps, step, knobs) -> (tokens [n, batch], logits, state, done)."""
+        n_steps, step, knobs, controls, tally) -> (tokens [n, batch], logits, state, done, tally,
+        report), report being `token_logprobs`' three as [n, batch, ...] (empty when not asked for)."""
         return self._chunks[1 if batch == 1 else None]
 
     def traces(self):
@@ -231,38 +247,58 @@ class Sampler:
         engine_traces = getattr(self.engine, "traces", None)
         return dict(counts, **(engine_traces() if engine_traces else {}))
 
-    def _pick(self, logits, done, knobs, step):
+    def _pick(self, logits, done, knobs, controls, tally, step):
+        raw = logits
+        # With every control off the processors are skipped, not run as no-ops.
+        logits = tf.cond(controls.on, lambda: processors.process(logits, controls, tally, step, self.eot_token),
+                         lambda: logits)
         token = sample_logits(logits, knobs, tf.stack([knobs.seed, tf.cast(step, tf.int64)]))
         # Finished rows keep emitting end-of-text so the batch stays rectangular.
         token = tf.where(done, self.eot_token, token)
-        return token, tf.logical_or(done, tf.logical_and(knobs.stop_at_eot, tf.equal(token, self.eot_token)))
+        tally = tf.cond(controls.on, lambda: processors.record(tally, token), lambda: tally)
+        done = tf.logical_or(done, tf.logical_and(knobs.stop_at_eot, tf.equal(token, self.eot_token)))
+        rows = tf.shape(token)[0]
+        report = tf.cond(knobs.logprobs >= 0, lambda: token_logprobs(raw, token, tf.maximum(knobs.logprobs, 0)),
+                         lambda: (tf.zeros([rows]), tf.zeros([rows, 0]), tf.zeros([rows, 0], tf.int32)))
+        return token, done, tally, report
 
-    def _chunk(self, logits, state, done, pos, pad, n_steps, step, knobs):
+    def _chunk(self, logits, state, done, pos, pad, n_steps, step, knobs, controls, tally):
         """Samples up to n_steps tokens, feeding each back; stops early once every row is done."""
-        tokens = tf.TensorArray(tf.int32, size=0, dynamic_size=True)
+        out = [tf.TensorArray(d, size=0, dynamic_size=True) for d in (tf.int32, tf.float32, tf.float32, tf.int32)]
 
-        def body(j, logits, state, done, tokens):
-            token, done = self._pick(logits, done, knobs, step + j)
+        def body(j, logits, state, done, tally, out):
+            token, done, tally, report = self._pick(logits, done, knobs, controls, tally, step + j)
             logits, state = self.engine.step(token, pos + j, pad, state)
-            return j + 1, logits, state, done, tokens.write(j, token)
+            return j + 1, logits, state, done, tally, [a.write(j, v) for a, v in zip(out, (token,) + report)]
 
-        def more(j, logits, state, done, tokens):
+        def more(j, logits, state, done, tally, out):
             return tf.logical_and(j < n_steps, tf.logical_not(tf.reduce_all(done)))
 
-        j, logits, state, done, tokens = tf.while_loop(more, body, [tf.constant(0), logits, state, done, tokens])
+        j, logits, state, done, tally, out = tf.while_loop(
+            more, body, [tf.constant(0), logits, state, done, tally, out])
         # [j, B] for numpy to transpose: oneDNN takes over int32 Transpose only to log an error
         # line and fall back to Eigen.
-        return tf.reshape(tokens.stack(), [j, tf.shape(logits)[0]]), logits, state, done
+        rows = tf.shape(logits)[0]
+        width = tf.where(knobs.logprobs >= 0, tf.minimum(tf.maximum(knobs.logprobs, 0), tf.shape(logits)[1]), 0)
+        tokens, own, top, top_ids = (tf.reshape(a.stack(), shape) for a, shape in zip(
+            out, ([j, rows], [j, rows], [j, rows, width], [j, rows, width])))
+        return tokens, logits, state, done, tally, (own, top, top_ids)
 
-    def _last(self, logits, done, knobs, step):
-        token, done = self._pick(logits, done, knobs, step)
-        return token[:, None], done
+    def _last(self, logits, done, knobs, controls, tally, step):
+        token, done, _, report = self._pick(logits, done, knobs, controls, tally, step)
+        return token[:, None], done, tuple(r[:, None] for r in report)
 
     def generate(self, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_at_eot=False,
-                 max_chunk=32):
-        """Samples `length` tokens after each context (token lists); see `TokenStream`."""
-        knobs = Knobs.check(temperature, top_k, top_p, seed, stop_at_eot)
-        return TokenStream(self, contexts, length, knobs, max_chunk=max_chunk)
+                 logprobs=None, max_chunk=32, **controls):
+        """Samples `length` tokens after each context (token lists); see `TokenStream`.
+
+        `logprobs` N reports each token's log-probability and the N likeliest (0: none of
+        those); `controls` are `processors.Controls.check`'s (repetition_penalty,
+        presence_penalty, frequency_penalty, logit_bias, bad_words, min_length), as token ids.
+        """
+        knobs = Knobs.check(temperature, top_k, top_p, seed, stop_at_eot, logprobs)
+        checked = processors.Controls.check(**controls, n_vocab=self.hparams.n_vocab)
+        return TokenStream(self, contexts, length, knobs, max_chunk=max_chunk, controls=checked)
 
 
 # Tokens made one call each (chunks of one) before the chunks start to grow, so they stream at once.
@@ -275,9 +311,13 @@ class TokenStream:
     Rows shorter than the longest context are left-padded. With stop_at_eot a row ends at its
     first `<|endoftext|>` (included) and then repeats it; `stop(rows)` ends rows early, as a
     stop string does. Generation ends when `length` tokens are out or every row has ended.
+
+    With logprobs asked for, `logprobs` holds the last chunk's: each token's natural-log
+    probability under the model's own distribution (before controls and filters) [batch, n],
+    and the likeliest tokens' [batch, n, N] with their ids [batch, n, N]; else it is None.
     """
 
-    def __init__(self, sampler, contexts, length, knobs, max_chunk=32):
+    def __init__(self, sampler, contexts, length, knobs, max_chunk=32, controls=processors.Controls()):
         length = check_length(length)
         contexts = [[int(t) for t in c] for c in contexts]
         if not contexts or any(len(c) == 0 for c in contexts):
@@ -291,8 +331,12 @@ class TokenStream:
         self._length = length
         self._prompt_length = longest
         self._knobs = knobs.tensors()
+        self._controls = controls.tensors(sampler.hparams.n_vocab)
+        self._tally = controls.tally(contexts, sampler.hparams.n_vocab)
         self._max_chunk = max(1, int(max_chunk))
         self._done = np.zeros([len(contexts)], bool)
+        self._report = knobs.logprobs >= 0
+        self.logprobs = None
 
     @property
     def done(self):
@@ -315,17 +359,22 @@ class TokenStream:
             else:
                 n = min(chunk, self._max_chunk, self._length - 1 - produced)
                 chunk *= 2
-            out, logits, state, done = run(logits, state, tf.constant(self._done),
-                                           tf.constant(self._prompt_length + produced), self._pad, tf.constant(n),
-                                           tf.constant(produced), self._knobs)
+            out, logits, state, done, self._tally, report = run(
+                logits, state, tf.constant(self._done), tf.constant(self._prompt_length + produced), self._pad,
+                tf.constant(n), tf.constant(produced), self._knobs, self._controls, self._tally)
             self._done |= done.numpy()
             out = out.numpy().T
+            if self._report:
+                self.logprobs = tuple(np.swapaxes(r.numpy(), 0, 1) for r in report)
             produced += out.shape[1]
             if out.shape[1]:
                 yield out
             if out.shape[1] < n:
                 return
         if produced == self._length - 1 and not self._done.all():
-            out, done = s.sample_last(logits, tf.constant(self._done), self._knobs, tf.constant(produced))
+            out, done, report = s.sample_last(logits, tf.constant(self._done), self._knobs, self._controls,
+                                              self._tally, tf.constant(produced))
             self._done |= done.numpy()
+            if self._report:
+                self.logprobs = tuple(r.numpy() for r in report)
             yield out.numpy()

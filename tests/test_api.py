@@ -164,3 +164,136 @@ def test_token_prompts_out_of_the_vocabulary_are_user_errors(gpt):
 def test_score_checks_its_stride(gpt, stride):
     with pytest.raises(UserError, match="stride must be a whole number from 1 to the window size 64"):
         gpt.score("some text to score", stride=stride)
+
+
+def test_controls_left_off_give_todays_samples(gpt):
+    off = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias={}, bad_words=[],
+               min_length=0)
+    for options in [dict(top_k=40, seed=3), dict(seed=5), dict(top_p=0.9, temperature=0.8, seed=9),
+                    dict(temperature=0)]:
+        prompts = ["Hello there", "A"]
+        assert gpt.generate(prompts, length=20, **options) == gpt.generate(prompts, length=20, **options, **off)
+
+
+def test_bad_words_as_text_ban_their_tokens_as_written_and_after_a_space(gpt):
+    plain = gpt.generate("Hello there", length=12, temperature=0)
+    first = gpt.decode(gpt.encode(plain)[:1]).strip()
+    as_text = gpt.generate("Hello there", length=12, temperature=0, bad_words=[first])
+    as_ids = gpt.generate("Hello there", length=12, temperature=0,
+                          bad_words=[gpt.encode(first), gpt.encode(" " + first)])
+    assert as_text == as_ids != plain
+
+
+def test_logit_bias_takes_one_token_strings_for_their_ids(gpt):
+    plain = gpt.generate("Hello there", length=12, temperature=0)
+    token = gpt.encode(plain)[0]
+    by_text = gpt.generate("Hello there", length=12, temperature=0, logit_bias={gpt.decode([token]): -100})
+    assert by_text == gpt.generate("Hello there", length=12, temperature=0, logit_bias={token: -100}) != plain
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(logit_bias={"two words": 1}), "logit_bias must map strings of one token; 'two words' is 2 tokens"),
+    (dict(logit_bias={50257: 1}), "logit_bias must hold token ids from 0 to 50256, got 50257"),
+    (dict(logit_bias={" the": "up"}), "logit_bias must be a number"),
+    (dict(bad_words=["ok", ""]), "bad_words must be strings of at least one token, got ''"),
+    (dict(repetition_penalty=0), "repetition_penalty must be a number > 0"),
+])
+def test_bad_controls_are_user_errors_before_any_text(gpt, options, message):
+    with pytest.raises(UserError, match=message):
+        gpt.stream("Hello", length=3, **options)
+
+
+PARITY_PROMPT = "The cat sat on the mat and then"
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(gpt):
+    """Greedy tokens from Hugging Face transformers' `generate` on our weights (skips without it)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import hf_compat
+
+    hf = hf_compat.to_hf(gpt.lm)
+    ids = gpt.encode(PARITY_PROMPT)
+
+    def run(length, **options):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=length, do_sample=False, pad_token_id=gpt.eot_token,
+                              eos_token_id=gpt.eot_token, **options)
+        return out[0, len(ids):].tolist()
+
+    return run
+
+
+def our_greedy(gpt, length, **controls):
+    chunks = gpt.sampler.generate([gpt.encode(PARITY_PROMPT)], length, temperature=0, stop_at_eot=True, **controls)
+    return np.concatenate(list(chunks), axis=1)[0].tolist()
+
+
+@pytest.mark.parametrize("case", ["repetition_penalty", "banned_token", "banned_pair", "min_length", "together"])
+def test_greedy_controls_match_hugging_face_generate(gpt, hf_greedy, case):
+    plain = our_greedy(gpt, 20)
+    assert plain == hf_greedy(20)
+    eot = gpt.eot_token
+    ours, theirs = {
+        "repetition_penalty": (dict(repetition_penalty=1.8), dict(repetition_penalty=1.8)),
+        "banned_token": (dict(bad_words=[plain[:1]]), dict(bad_words_ids=[plain[:1]])),
+        "banned_pair": (dict(bad_words=[plain[3:5]]), dict(bad_words_ids=[plain[3:5]])),
+        # A bias makes end-of-text the likeliest token, so only the minimum length holds it back.
+        "min_length": (dict(logit_bias={eot: 100}, min_length=7),
+                       dict(sequence_bias={(eot,): 100.0}, min_new_tokens=7)),
+        "together": (dict(repetition_penalty=1.3, bad_words=[plain[1:2]], logit_bias={eot: 100}, min_length=11),
+                     dict(repetition_penalty=1.3, bad_words_ids=[plain[1:2]], sequence_bias={(eot,): 100.0},
+                          min_new_tokens=11)),
+    }[case]
+    got = our_greedy(gpt, 20, **ours)
+    assert got == hf_greedy(20, **theirs)
+    assert got != plain
+
+
+def full_pass_logprobs(gpt, context, tokens):
+    """Log-softmax of one full pass over context + tokens at each new token's position."""
+    ids = list(context) + list(tokens)
+    logits = gpt.lm(np.array([ids], np.int32))["logits"].numpy()[0].astype(np.float64)
+    logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    return logprobs[len(context) - 1:len(ids) - 1]
+
+
+def test_logprobs_equal_scores_of_the_same_tokens(gpt):
+    import score
+
+    sample = gpt.generate([[gpt.eot_token]], 20, top_k=40, seed=2, logprobs=3)[0]
+    ids = [t["id"] for t in sample["tokens"]]
+    assert len(ids) == 20 and gpt.decode(ids) == sample["text"] and sample["prompt"] == "<|endoftext|>"
+    scored = score.score_tokens(gpt.lm, [ids], gpt.eot_token)[0]
+    np.testing.assert_allclose([t["logprob"] for t in sample["tokens"]], scored, atol=1e-4)
+
+
+def test_logprobs_and_alternatives_are_the_models_before_the_controls(gpt):
+    result = gpt.generate("Hello there", 10, temperature=0.7, seed=4, logprobs=5, repetition_penalty=3.0,
+                          bad_words=["the"])
+    assert result["prompt"] == "Hello there"
+    ids = [t["id"] for t in result["tokens"]]
+    expected = full_pass_logprobs(gpt, gpt.encode("Hello there"), ids)
+    for token, row in zip(result["tokens"], expected):
+        assert token["logprob"] == pytest.approx(row[token["id"]], abs=1e-4)
+        best = np.argsort(-row)[:5]
+        assert [text for text, _ in token["top_logprobs"]] == [gpt.decode([int(i)]) for i in best]
+        np.testing.assert_allclose([lp for _, lp in token["top_logprobs"]], row[best], atol=1e-4)
+        assert token["text"] == gpt.decode([token["id"]])
+
+
+def test_logprobs_zero_lists_no_alternatives_and_end_of_text_is_not_a_token(gpt):
+    results = gpt.generate(["Hi", "Some longer prompt"], 12, temperature=0, logprobs=0, stop_at_eot=True,
+                           logit_bias={gpt.eot_token: 100}, min_length=4)
+    for result, prompt in zip(results, ["Hi", "Some longer prompt"]):
+        assert result["prompt"] == prompt and len(result["tokens"]) == 4
+        assert all(t["top_logprobs"] == [] for t in result["tokens"])
+        assert gpt.eot_token not in [t["id"] for t in result["tokens"]]
+        assert result["text"] == gpt.decode([t["id"] for t in result["tokens"]])
+
+
+def test_logprobs_keep_the_text(gpt):
+    for options in [dict(temperature=0), dict(top_k=40, seed=8)]:
+        assert gpt.generate("Seeded", 15, logprobs=2, **options)["text"] == gpt.generate("Seeded", 15, **options)

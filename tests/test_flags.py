@@ -143,6 +143,8 @@ def test_the_scripts_paths_and_names_are_strings():
     for fn in (generate_unconditional_samples.sample_model, generate_conditional_samples.sample_model,
                interactive_conditional_samples.interact_model):
         assert flag_values(fn, "--stop", "5", "--length", "7") == {"stop": "5", "length": 7}, fn.__module__
+        assert flag_values(fn, "--bad_words", "5", "--logit_bias", '{"5": 1}') == {
+            "bad_words": "5", "logit_bias": '{"5": 1}'}, fn.__module__
         with pytest.raises(UserError, match="--length must be a whole number, got 'abc'"):
             cli.command_line(fn, ["--length", "abc"])
     assert flag_values(generate_conditional_samples.sample_model, "--prompt_file", "1") == {"prompt_file": "1"}

@@ -3,10 +3,11 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, SRC_DIR, run_script
-from test_generate_unconditional_samples import FLAGS, assert_one_line_error, headers
+from test_generate_unconditional_samples import CONTROL_FLAGS, CONTROLS, FLAGS, assert_one_line_error, headers
 
 SCRIPT = "generate_conditional_samples.py"
 
@@ -25,7 +26,7 @@ def samples(stdout):
 def test_help_documents_every_flag():
     result = run_script(SCRIPT, "--help", env={"PAGER": "cat"})
     assert result.returncode == 0
-    for flag in FLAGS + ["prompt_file", "per_line"]:
+    for flag in FLAGS + ["prompt_file", "per_line", "json", "logprobs"]:
         assert f"--{flag}" in result.stdout + result.stderr, flag
 
 
@@ -100,3 +101,35 @@ def test_an_undecodable_prompt_argument_is_a_one_line_error(tiny_models_dir):
                              "--models_dir", tiny_models_dir], capture_output=True, text=True, cwd=REPO_ROOT,
                             timeout=300)
     assert_one_line_error(result, r"^error: the prompt is not valid UTF-8 \(character 4\): convert it to UTF-8$")
+
+
+def test_the_controls_give_the_apis_text(tiny_models_dir):
+    import api
+
+    result = run(tiny_models_dir, "Hello there", "--temperature", 0, *CONTROL_FLAGS, length=12)
+    assert result.returncode == 0, result.stderr
+    gpt = api.load("tiny", tiny_models_dir)
+    want = gpt.generate("Hello there", 12, temperature=0, **CONTROLS)
+    assert samples(result.stdout) == [want] and want != gpt.generate("Hello there", 12, temperature=0)
+
+
+def test_json_with_logprobs_prints_the_apis_records_one_line_each(tiny_models_dir):
+    import json
+
+    import api
+
+    result = run(tiny_models_dir, "Hello there", "--temperature", 0, "--json", "--logprobs", 3, "--nsamples", 2,
+                 "--repetition_penalty", 1.5)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    want = api.load("tiny", tiny_models_dir).generate("Hello there", 8, temperature=0, logprobs=3,
+                                                      repetition_penalty=1.5)
+    assert len(lines) == 2
+    for got in map(json.loads, lines):
+        assert (got["prompt"], got["text"]) == (want["prompt"], want["text"])
+        assert [t["id"] for t in got["tokens"]] == [t["id"] for t in want["tokens"]]
+        np.testing.assert_allclose([t["logprob"] for t in got["tokens"]], [t["logprob"] for t in want["tokens"]],
+                                   atol=1e-5)
+        assert [[a for a, _ in t["top_logprobs"]] for t in got["tokens"]] == [
+            [a for a, _ in t["top_logprobs"]] for t in want["tokens"]]
+    assert len(want["tokens"]) == 8 and all(len(t["top_logprobs"]) == 3 for t in want["tokens"])

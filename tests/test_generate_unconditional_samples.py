@@ -8,11 +8,19 @@ import time
 
 import pytest
 
+import api
+import sample
 from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
 
 SCRIPT = "generate_unconditional_samples.py"
 FLAGS = ["model_name", "seed", "nsamples", "batch_size", "length", "temperature", "top_k", "top_p",
-         "models_dir", "stop_at_eot", "stop", "dtype"]
+         "models_dir", "stop_at_eot", "stop", "dtype", "repetition_penalty", "presence_penalty", "frequency_penalty",
+         "logit_bias", "bad_words", "min_length"]
+# The generation controls, each on, as flags and as the API takes them.
+CONTROL_FLAGS = ["--repetition_penalty", 1.5, "--presence_penalty", 0.5, "--frequency_penalty", -0.5,
+                 "--logit_bias", '{"464": 3, " the": -100}', "--bad_words", '["and", "of the"]', "--min_length", 6]
+CONTROLS = dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=-0.5,
+                logit_bias={464: 3, " the": -100}, bad_words=["and", "of the"], min_length=6)
 
 
 def headers(stdout):
@@ -62,6 +70,17 @@ def test_seed_repeats_the_output(tiny_models_dir):
     (["--models_dir", 2019], r"model 'tiny' not found in '2019'"),
     (["--length", "abc"], r"--length must be a whole number, got 'abc'"),
     (["--stop"], r"--stop needs a value"),
+    (["--repetition_penalty", 0], r"^error: --repetition_penalty must be a number > 0 \(1 turns it off\), got 0$"),
+    (["--presence_penalty", 3], r"--presence_penalty must be a number from -2 to 2"),
+    (["--frequency_penalty", "high"], r"--frequency_penalty must be a number from -2 to 2"),
+    (["--min_length", -1], r"--min_length must be a whole number >= 0"),
+    (["--logit_bias", "{50256: -100}"], r"--logit_bias must be a JSON object like"),
+    (["--logit_bias", '{"50256": "ban"}'], r"--logit_bias must be a number from -100 \(bans\) to 100, got 'ban'"),
+    (["--logit_bias", '{"50257": 1}'], r"--logit_bias must hold token ids from 0 to 50256, got 50257"),
+    (["--logit_bias", '{"two words": 1}'], r"--logit_bias must map strings of one token; 'two words' is 2 tokens"),
+    (["--bad_words", '["fine", ""]'], r"--bad_words must be strings or token-id lists of one token or more, got ''"),
+    (["--logprobs", 2], r"--logprobs needs --json"),
+    (["--json", "--logprobs", -1], r"--logprobs must be a whole number >= 0"),
 ])
 def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
     base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1, "--length", 3]
@@ -133,3 +152,29 @@ def test_ctrl_c_during_start_up_prints_only_a_newline(tiny_models_dir):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert (out, err) == (b"", b"\n")
+
+
+def test_the_controls_give_the_apis_samples(tiny_models_dir):
+    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 2,
+                        "--batch_size", 2, "--length", 12, "--seed", 4, "--top_k", 20, *CONTROL_FLAGS)
+    assert result.returncode == 0, result.stderr
+    texts = [p.rstrip("\n") for p in re.split(r"={40} SAMPLE \d+ ={40}\n", result.stdout)[1:]]
+    gpt = api.load("tiny", tiny_models_dir)
+    want = gpt.generate([[gpt.eot_token]] * 2, 12, top_k=20, seed=sample.batch_seed(sample.new_seed(4), 0),
+                        **CONTROLS)
+    assert texts == want
+    assert want != gpt.generate([[gpt.eot_token]] * 2, 12, top_k=20, seed=sample.batch_seed(4, 0))
+
+
+def test_json_prints_one_object_per_sample_with_tokens_when_asked(tiny_models_dir):
+    import json
+
+    base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 4, "--batch_size", 2,
+            "--length", 6, "--seed", 3, "--json"]
+    plain, scored = run_script(SCRIPT, *base), run_script(SCRIPT, *base, "--logprobs", 0)
+    assert plain.returncode == scored.returncode == 0, plain.stderr + scored.stderr
+    plain, scored = ([json.loads(line) for line in r.stdout.splitlines()] for r in (plain, scored))
+    assert [set(r) for r in plain] == [{"prompt", "text"}] * 4
+    assert [r["text"] for r in scored] == [r["text"] for r in plain]
+    assert all(len(r["tokens"]) == 6 and r["prompt"] == "<|endoftext|>" for r in scored)
+    assert all(t["top_logprobs"] == [] and t["logprob"] < 0 for r in scored for t in r["tokens"])

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
-from test_generate_unconditional_samples import FLAGS, assert_one_line_error, headers
+from test_generate_unconditional_samples import CONTROL_FLAGS, CONTROLS, FLAGS, assert_one_line_error, headers
 
 SCRIPT = "interactive_conditional_samples.py"
 
@@ -125,3 +125,13 @@ def test_a_length_the_model_cannot_give_is_refused_before_the_first_prompt(tiny_
     assert result.returncode == 2
     assert_one_line_error(result, pattern)
     assert result.stdout == ""  # not even the prompt
+
+
+def test_the_controls_give_the_apis_text(tiny_models_dir):
+    import api
+
+    result = run(tiny_models_dir, "Hello there\n", "--temperature", 0, *CONTROL_FLAGS)
+    assert result.returncode == 0, result.stderr
+    gpt = api.load("tiny", tiny_models_dir)
+    want = gpt.generate("Hello there", 6, temperature=0, **CONTROLS)
+    assert want in result.stdout and want != gpt.generate("Hello there", 6, temperature=0)

@@ -280,3 +280,125 @@ def test_retraces_are_counted_for_every_compiled_function(stub_sampler):
     generate(stub_sampler, [[1, 2, 3]], 10, top_k=5, top_p=0.5, temperature=0.7, seed=2)
     assert set(before) == {"prefill", "chunk", "chunk_one_row", "sample_last"}
     assert stub_sampler.traces() == before  # other knobs and prompt lengths reuse the traces
+
+
+class FixedModel(CountingModel):
+    """A stub engine whose next-token logits are always the same row, so only the controls change
+    which token is likeliest."""
+
+    row = np.array([3.0, 2.55, 2.13, 1.71, 1.37, 0.93, 0.61, 0.17, -0.23, -0.67, -1.09, 2.87], np.float32)
+
+    def _logits(self, previous):
+        return tf.tile(tf.constant(self.row)[None], [tf.shape(previous)[0], 1])
+
+
+@pytest.fixture(scope="module")
+def fixed_sampler():
+    return sample.Sampler(FixedModel(), eot_token=11)
+
+
+def reference_greedy(row, prompt, length, repetition=1.0, presence=0.0, frequency=0.0):
+    """Greedy decoding with the penalties written out for one row, token by token."""
+    out = []
+    for _ in range(length):
+        logits = row.astype(np.float64).copy()
+        for token in set(prompt) | set(out):
+            logits[token] = logits[token] * repetition if logits[token] < 0 else logits[token] / repetition
+        for token in set(out):
+            logits[token] -= frequency * out.count(token) + presence
+        best, second = np.sort(logits)[-2:][::-1]
+        assert best - second > 1e-3, "a near tie: float32 rounding would decide it"
+        out.append(int(np.argmax(logits)))
+    return out
+
+
+@pytest.mark.parametrize("penalties", [dict(repetition=1.5), dict(repetition=3.0), dict(presence=0.5),
+                                       dict(frequency=0.3), dict(repetition=1.2, presence=0.2, frequency=0.1)])
+def test_penalties_in_the_loop_match_them_written_out(fixed_sampler, penalties):
+    prompt = [1, 9]
+    names = dict(repetition="repetition_penalty", presence="presence_penalty", frequency="frequency_penalty")
+    out = generate(fixed_sampler, [prompt], 14, temperature=0, max_chunk=4,
+                   **{names[k]: v for k, v in penalties.items()})
+    want = reference_greedy(FixedModel.row, prompt, 14, **penalties)
+    assert out[0].tolist() == want
+    assert len(set(want)) > 1  # the penalty did move the choice off the likeliest token
+
+
+def test_bad_words_are_never_generated_one_token_or_several(stub_sampler):
+    # The stub counts up: 3 -> 4, 5, 6, ... Banning 4 alone, or 6 after 5, changes the greedy path.
+    plain = generate(stub_sampler, [[3]], 5, temperature=0)[0].tolist()
+    single = generate(stub_sampler, [[3]], 5, temperature=0, bad_words=[[4]])[0].tolist()
+    multi = generate(stub_sampler, [[3]], 5, temperature=0, bad_words=[[5, 6]])[0].tolist()
+    assert plain == [4, 5, 6, 7, 8]
+    assert 4 not in single and single[0] != 4
+    assert multi[:2] == [4, 5] and multi[2] != 6
+    # The word's first tokens may end the prompt.
+    assert generate(stub_sampler, [[2, 5]], 1, temperature=0, bad_words=[[5, 6]])[0].tolist() != [6]
+
+
+def test_a_banned_token_is_never_drawn(stub_sampler):
+    out = generate(stub_sampler, [[3]] * 64, 6, seed=4, logit_bias={4: -100, 7: -100})
+    assert not np.isin(out, [4, 7]).any()
+    free = generate(stub_sampler, [[3]] * 64, 6, seed=4)
+    assert np.isin(free, [4, 7]).any()
+
+
+def test_min_length_holds_end_of_text_back(stub_sampler):
+    # From 9 the stub reaches end-of-text (11) at once: with min_length 5 not before 5 new tokens.
+    stream = stub_sampler.generate([[9]], 12, temperature=0, stop_at_eot=True, min_length=5, max_chunk=2)
+    out = np.concatenate(list(stream), axis=1)[0].tolist()
+    assert 11 not in out[:5] and out[0] == 10
+    plain = generate(stub_sampler, [[9]], 12, temperature=0, stop_at_eot=True)[0].tolist()
+    assert plain == [10, 11]
+
+
+def test_controls_off_give_the_tokens_of_no_controls(stub_sampler):
+    off = dict(repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias={}, bad_words=[],
+               min_length=0)
+    for seed, knobs in [(1, {}), (2, dict(top_k=4)), (3, dict(top_p=0.7, temperature=0.8))]:
+        a = generate(stub_sampler, [[1], [5, 6]], 9, seed=seed, **knobs)
+        b = generate(stub_sampler, [[1], [5, 6]], 9, seed=seed, **knobs, **off)
+        assert (a == b).all()
+
+
+def test_other_control_values_reuse_the_traces(stub_sampler):
+    generate(stub_sampler, [[1]], 12, top_k=3, seed=1, repetition_penalty=1.3, bad_words=[[2]])
+    before = stub_sampler.traces()
+    generate(stub_sampler, [[1, 2, 3]], 10, seed=2, presence_penalty=0.4, logit_bias={3: 2.0, 5: -100},
+             bad_words=[[1, 2, 3], [4]], min_length=3)
+    generate(stub_sampler, [[1, 2, 3]], 10, seed=2)
+    assert stub_sampler.traces() == before
+
+
+def test_logprobs_are_the_models_own_before_controls_and_filters(fixed_sampler):
+    stream = fixed_sampler.generate([[1], [2]], 9, top_k=3, seed=5, repetition_penalty=2.0, logprobs=4, max_chunk=2)
+    raw = FixedModel.row - np.log(np.exp(FixedModel.row.astype(np.float64)).sum())
+    order = np.argsort(-raw)[:4]
+    for chunk in stream:
+        own, top, top_ids = stream.logprobs
+        assert own.shape == chunk.shape and top.shape == top_ids.shape == chunk.shape + (4,)
+        np.testing.assert_allclose(own, raw[chunk], atol=1e-5)
+        assert (top_ids == order).all()
+        np.testing.assert_allclose(top, np.broadcast_to(raw[order], top.shape), atol=1e-5)
+
+
+def test_logprobs_zero_reports_the_tokens_own_only_and_none_is_none(stub_sampler):
+    stream = stub_sampler.generate([[3]], 4, temperature=0, logprobs=0)
+    for chunk in stream:
+        assert stream.logprobs[0].shape == chunk.shape and stream.logprobs[1].shape == chunk.shape + (0,)
+    stream = stub_sampler.generate([[3]], 4, temperature=0)
+    assert [stream.logprobs for _ in stream] == [None] * 4
+
+
+def test_asking_for_logprobs_reuses_the_traces_and_keeps_the_tokens(stub_sampler):
+    plain = generate(stub_sampler, [[1], [4]], 12, top_k=5, seed=3)
+    before = stub_sampler.traces()
+    assert (generate(stub_sampler, [[1], [4]], 12, top_k=5, seed=3, logprobs=3) == plain).all()
+    generate(stub_sampler, [[1]], 12, seed=2, logprobs=0)
+    assert stub_sampler.traces() == before
+
+
+def test_logprobs_must_be_a_whole_number(stub_sampler):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UserError, match="logprobs must be a whole number >= 0"):
+            stub_sampler.generate([[1]], 3, logprobs=bad)
