@@ -2,7 +2,7 @@
 any work, and one-line errors instead of tracebacks."""
 import difflib
 import inspect
-import json
+import json as json_lib
 import os
 import re
 import sys
@@ -48,19 +48,30 @@ def check_logprobs(json, logprobs):
     if logprobs is not None and not json:
         raise UserError("--logprobs needs --json: the log-probabilities are printed as JSON lines")
 
-def controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words, min_length):
-    """The generation controls' flags as the API takes them: --logit_bias's JSON read, its keys
-    that are whole numbers as token ids and the others as text."""
+def sampling_controls(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty,
+                      logit_bias, bad_words, min_length, json=False, logprobs=None):
+    """Checks a sampling script's knobs, generation controls and log-prob flags, before the model
+    loads; returns the controls as the API takes them: --logit_bias's JSON read, its keys that
+    are whole numbers as token ids and the others as text."""
+    import processors
+    import sample
+
+    sample.Knobs.check(temperature, top_k, top_p)
     if logit_bias is not None:
         try:
-            bias = json.loads(logit_bias)
-        except json.JSONDecodeError:
+            bias = json_lib.loads(logit_bias)
+        except json_lib.JSONDecodeError:
             bias = None
         if not isinstance(bias, dict):
             raise UserError(f"--logit_bias must be a JSON object like '{{\"50256\": -100}}', got {logit_bias!r}")
         logit_bias = {int(k) if re.fullmatch("[0-9]+", k) else k: v for k, v in bias.items()}
-    return dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                frequency_penalty=frequency_penalty, logit_bias=logit_bias, bad_words=bad_words, min_length=min_length)
+    controls = dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, bad_words=bad_words,
+                    min_length=min_length)
+    processors.Controls.check(**controls)
+    check_logprobs(json, logprobs)
+    sample.Knobs.check(logprobs=logprobs)
+    return controls
 
 
 def documented(summary, **specific):

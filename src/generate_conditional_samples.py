@@ -51,7 +51,6 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
     runtime.fast_start(system_allocator=True)
     import api
     import console
-    import processors
     import sample
 
     console.use_safe_stdout()
@@ -61,12 +60,8 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
         raise UserError("the prompt is empty: give some text")
     cli.check_counts(nsamples, batch_size if not per_line else 1)
     cli.check_counts(batch_size, batch_size)  # batch_size itself: a whole number >= 1
-    sample.Knobs.check(temperature, top_k, top_p)
-    controls = cli.controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words,
-                            min_length)
-    processors.Controls.check(**controls)  # before loading the model, as every flag is
-    cli.check_logprobs(json, logprobs)
-    sample.Knobs.check(logprobs=logprobs)
+    controls = cli.sampling_controls(temperature, top_k, top_p, repetition_penalty, presence_penalty,
+                                     frequency_penalty, logit_bias, bad_words, min_length, json=json, logprobs=logprobs)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2

@@ -19,17 +19,12 @@ def sample_model(model_name: str = "124M", seed: int = None, nsamples: int = 0, 
     runtime.fast_start(system_allocator=True)
     import api
     import console
-    import processors
     import sample
 
     console.use_safe_stdout()
     cli.check_counts(nsamples, batch_size, allow_forever=True)
-    sample.Knobs.check(temperature, top_k, top_p)
-    controls = cli.controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words,
-                            min_length)
-    processors.Controls.check(**controls)  # before loading the model, as every flag is
-    cli.check_logprobs(json, logprobs)
-    sample.Knobs.check(logprobs=logprobs)
+    controls = cli.sampling_controls(temperature, top_k, top_p, repetition_penalty, presence_penalty,
+                                     frequency_penalty, logit_bias, bad_words, min_length, json=json, logprobs=logprobs)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx

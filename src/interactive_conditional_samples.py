@@ -42,7 +42,6 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
     runtime.fast_start(system_allocator=True)
     import api
     import console
-    import processors
     import sample
 
     console.use_safe_stdout()
@@ -50,10 +49,8 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
         # A C.UTF-8 locale decodes stdin with surrogateescape, which lets bad bytes reach the encoder.
         sys.stdin.reconfigure(errors="strict")
     cli.check_counts(nsamples, batch_size)
-    sample.Knobs.check(temperature, top_k, top_p)
-    controls = cli.controls(repetition_penalty, presence_penalty, frequency_penalty, logit_bias, bad_words,
-                            min_length)
-    processors.Controls.check(**controls)  # before loading the model, as every flag is
+    controls = cli.sampling_controls(temperature, top_k, top_p, repetition_penalty, presence_penalty,
+                                     frequency_penalty, logit_bias, bad_words, min_length)
     if length is not None:
         cli.check_whole("length", length, 1)
     gpt = api.load(model_name, models_dir, dtype=dtype)
