@@ -104,6 +104,26 @@ class KVCache:
         """Keys and values [B, H, capacity, D] of one layer's tensor."""
         return tf.unstack(tf.reshape(layer, slots.view_shape))
 
+    def rearrange(self, state, batch, rows, start, capacity):
+        """A new state holding `rows` (indices into a state of `batch` rows), with each one's
+        positions start..start+capacity-1 as 0..capacity-1, zeros where the old state had none:
+        how a running batch drops rows, shifts its positions and grows or shrinks its room."""
+        old = state[0].shape[0] // (2 * batch * self.n_head)
+        before, after = max(-start, 0), max(start + capacity - old, 0)
+        moved = []
+        for layer in state:
+            view = tf.gather(tf.reshape(layer, [2, batch, self.n_head, old, self.head_dim]), rows, axis=1)
+            view = tf.pad(view, [[0, 0], [0, 0], [0, 0], [before, after], [0, 0]])
+            moved.append(tf.reshape(view[:, :, :, start + before:start + before + capacity], [-1, self.head_dim]))
+        return moved
+
+    def concat(self, first, second, capacity):
+        """The rows of two states of `capacity` positions in one state, first's rows first."""
+        def view(layer):
+            return tf.reshape(layer, [2, -1, self.n_head, capacity, self.head_dim])  # [2, B, H, capacity, D]
+
+        return [tf.reshape(tf.concat([view(a), view(b)], axis=1), [-1, self.head_dim]) for a, b in zip(first, second)]
+
 
 class Decoder:
     """Cached decoding of a `model.GPT2` (the engine interface above)."""
@@ -133,6 +153,18 @@ class Decoder:
         """One token per row, token [B] at position `pos`: next-token logits [B, V] and the state."""
         one_row = self.lm.compute_dtype != tf.float32 and token.shape[0] == 1
         return (self._one_row if one_row else self._any)(token[:, None], pos, pad, state)
+
+    def rearrange(self, state, batch, rows, start, capacity):
+        """`KVCache.rearrange`: the state of some rows, their positions moved by `start`."""
+        return self.cache.rearrange(state, batch, rows, start, capacity)
+
+    def concat(self, first, second, capacity):
+        """`KVCache.concat`: two states' rows in one."""
+        return self.cache.concat(first, second, capacity)
+
+    def cache_bytes_per_position(self):
+        """What one row's cache takes per position: keys and values of every layer."""
+        return 2 * self.hparams.n_layer * self.hparams.n_embd * self.cache.dtype.size
 
     def traces(self):
         """How many times each step function was traced (a retrace costs seconds)."""

@@ -1,0 +1,301 @@
+"""Continuous batching: rows of many requests share each decode step, joining and leaving the
+running batch between steps.
+
+A `Batcher` runs in one thread over an engine (`decode.Decoder`): rows waiting are prefilled and
+join between steps, finished or cancelled rows leave, and every row in the batch makes one token
+a step. Rows share one position, each with its own left padding, as the engine's interface
+has them; when rows join or leave, the engine's `rearrange` and `concat` move the cache so
+that the padding is as small as it can be and the cache holds just the positions the rows will
+still write. Each row draws with its own knobs and seed, seeded by its own token count, so it
+gets the tokens it would get alone (and the ones `api.generate` gives for its seed).
+"""
+import collections
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+import sample
+from runtime import tf
+
+# OpenAI's completions API reports at most this many alternatives per token.
+MAX_LOGPROBS = 5
+
+
+class Draw(NamedTuple):
+    """A step's tokens [B] and, when asked for, their log-probabilities [B] and the likeliest
+    tokens' [B, n] with ids [B, n]."""
+
+    token: tf.Tensor
+    logprob: tf.Tensor
+    top: tf.Tensor
+    top_ids: tf.Tensor
+
+
+class RowKnobs(NamedTuple):
+    """Per-row sampling settings as the compiled step takes them: one entry per row."""
+
+    temperature: tf.Tensor  # [B] float32
+    top_k: tf.Tensor  # [B] int32
+    top_p: tf.Tensor  # [B] float32
+    seed: tf.Tensor  # [B] int64
+    index: tf.Tensor  # [B] int32: how many tokens each row has drawn (its draws' second seed word)
+
+    @staticmethod
+    def spec():
+        return RowKnobs(*(tf.TensorSpec([None], d) for d in (tf.float32, tf.int32, tf.float32, tf.int64, tf.int32)))
+
+
+def draw_rows(logits, knobs, n_logprobs):
+    """One token per row with the row's own knobs and seed, by `sample.sample_logits` on that row
+    alone, so a row draws the same token in any batch. n_logprobs -1 reports nothing."""
+    def one(args):
+        row, temperature, top_k, top_p, seed, index = args
+        row_knobs = sample.Knobs(temperature, top_k, top_p, seed, tf.constant(False), tf.constant(-1))
+        return sample.sample_logits(row[None], row_knobs, tf.stack([seed, tf.cast(index, tf.int64)]))[0]
+
+    token = tf.map_fn(one, (logits, *knobs), fn_output_signature=tf.int32)
+    rows = tf.shape(token)[0]
+    report = tf.cond(n_logprobs >= 0, lambda: sample.token_logprobs(logits, token, tf.maximum(n_logprobs, 0)),
+                     lambda: (tf.zeros([rows]), tf.zeros([rows, 0]), tf.zeros([rows, 0], tf.int32)))
+    return Draw(token, *report)
+
+
+class Row:
+    """One sequence for the batcher: a prompt, how many tokens at most, its knobs.
+
+    From the batcher's thread, `on_token(row, token, report)` gets each token drawn (report:
+    None, or its log-probability and [(id, log-probability)] of the likeliest) and returns True
+    when the row should end there (a stop string); `on_end(row, reason)` is called once, reason
+    "stop" (end-of-text or on_token's say), "length", "cancelled" or "error". `cancel()` may be
+    called from any thread; the row leaves the batch before the next step.
+    """
+
+    def __init__(self, prompt, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, logprobs=None,
+                 on_token=None, on_end=None):
+        self.prompt = [int(t) for t in prompt]
+        self.max_new_tokens = int(max_new_tokens)
+        self.knobs = sample.Knobs.check(temperature, top_k, top_p, seed, True, logprobs)
+        self.on_token = on_token or (lambda row, token, report: False)
+        self.on_end = on_end or (lambda row, reason: None)
+        self.generated = 0
+        self.pad = 0  # left padding in the batch's cache
+        self.token = None  # the last token drawn, fed at the next step
+        self.ended = None
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def left(self):
+        """Tokens still to draw."""
+        return self.max_new_tokens - self.generated
+
+
+class Batcher:
+    """The decode loop of a server: `submit` rows from any thread, `run` in one thread (or
+    `start` one), `stop` to end it once every row submitted has ended.
+
+    Args:
+        engine: `decode.Decoder(lm)`, or another engine with `prefill`, `step`, `rearrange`,
+            `concat` and `cache_bytes_per_position`.
+        eot_token: End-of-text: it ends a row (as the OpenAI API ends completions) and pads prompts.
+        max_rows: Rows in a batch at most; with the window, this bounds the cache's memory.
+    """
+
+    def __init__(self, engine, eot_token, max_rows=8):
+        self.engine = engine
+        self.n_ctx = engine.hparams.n_ctx
+        self.eot_token = eot_token
+        self.max_rows = max_rows
+        self._waiting = collections.deque()
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._thread = None
+        self.rows = []  # the running batch, in the cache's row order
+        self._state, self._pos = None, 0  # _pos: where the rows' pending tokens will be written
+        self.stats = collections.Counter()
+        signature = [tf.TensorSpec([None, None], tf.float32), RowKnobs.spec(), tf.TensorSpec([], tf.int32)]
+        self._first = tf.function(draw_rows, autograph=False, input_signature=signature)
+        self._advance = tf.function(self._step_and_draw, autograph=False, input_signature=[
+            tf.TensorSpec([None], tf.int32), engine.state_spec, tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([None], tf.int32), *signature[1:]])
+
+    def cache_bytes(self):
+        """The most the running batch's cache holds: max_rows rows of the whole window."""
+        return self.max_rows * self.n_ctx * self.engine.cache_bytes_per_position()
+
+    def _step_and_draw(self, token, state, pos, pad, knobs, n_logprobs):
+        logits, state = self.engine.step(token, pos, pad, state)
+        return draw_rows(logits, knobs, n_logprobs), state
+
+    def submit(self, rows):
+        """Queues rows; they join the batch in order, between steps, as room allows."""
+        with self._changed:
+            if self._stopping:
+                raise RuntimeError("the batcher is stopping")
+            self._waiting.extend(rows)
+            self._changed.notify()
+
+    def load(self):
+        """Rows in the batch and rows waiting."""
+        return len(self.rows), len(self._waiting)
+
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Ends `run` once the rows in flight have ended, and waits for it."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self):
+        while True:
+            with self._changed:
+                while not self.rows and not self._waiting and not self._stopping:
+                    self._changed.wait()
+                if self._stopping and not self.rows and not self._waiting:
+                    return
+            try:
+                self._drop_ended()
+                self._admit()
+                if self.rows:
+                    self._step()
+            except Exception:  # a failed step ends its rows, not the server
+                import traceback
+
+                traceback.print_exc()
+                for row in self.rows:
+                    self._end(row, "error")
+                self.rows, self._state, self._pos = [], None, 0
+
+    @staticmethod
+    def _row_knobs(rows):
+        return RowKnobs(tf.constant([r.knobs.temperature for r in rows], tf.float32),
+                        tf.constant([r.knobs.top_k for r in rows], tf.int32),
+                        tf.constant([r.knobs.top_p for r in rows], tf.float32),
+                        tf.constant([r.knobs.seed for r in rows], tf.int64),
+                        tf.constant([r.generated for r in rows], tf.int32))
+
+    @staticmethod
+    def _n_logprobs(rows):
+        return tf.constant(max(r.knobs.logprobs for r in rows), tf.int32)
+
+    def _take(self, rows, draw):
+        """Hands each row its token; a row that ends there is marked."""
+        token, logprob, top, top_ids = (d.numpy() for d in draw)
+        for i, row in enumerate(rows):
+            row.token = int(token[i])
+            row.generated += 1
+            self.stats["tokens"] += 1
+            report = None
+            if row.knobs.logprobs >= 0:
+                n = row.knobs.logprobs
+                report = (float(logprob[i]), list(zip(top_ids[i, :n].tolist(), top[i, :n].tolist())))
+            stops = row.on_token(row, row.token, report)
+            if row.token == self.eot_token or stops:
+                row.ended = "stop"
+            elif row.left() == 0:
+                row.ended = "length"
+
+    def _step(self):
+        rows = self.rows
+        token = tf.constant([r.token for r in rows], tf.int32)
+        pad = tf.constant([r.pad for r in rows], tf.int32)
+        draw, self._state = self._advance(token, self._state, tf.constant(self._pos), pad, self._row_knobs(rows),
+                                          self._n_logprobs(rows))
+        self._pos += 1
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        self._take(rows, draw)
+
+    def _end(self, row, reason):
+        row.ended = row.ended or reason
+        self.stats[f"ended_{row.ended}"] += 1
+        row.on_end(row, row.ended)
+
+    def _drop_ended(self):
+        """Takes ended and cancelled rows out of the batch, compacting the cache."""
+        for row in self.rows:
+            if row.cancelled and not row.ended:
+                row.ended = "cancelled"
+        keep = [i for i, r in enumerate(self.rows) if not r.ended]
+        if len(keep) == len(self.rows):
+            return
+        for row in self.rows:
+            if row.ended:
+                self._end(row, row.ended)
+        kept = [self.rows[i] for i in keep]
+        if not kept:
+            self.rows, self._state, self._pos = [], None, 0
+            return
+        shift = min(r.pad for r in kept)
+        capacity = self._pos - shift + max(r.left() for r in kept)
+        self._state = self.engine.rearrange(self._state, len(self.rows), tf.constant(keep), shift, capacity)
+        for row in kept:
+            row.pad -= shift
+        self.rows, self._pos = kept, self._pos - shift
+
+    def _layout(self, longest, joining):
+        """Where the batch goes if `joining` rows, prefilled over `longest` positions, join it:
+        every row moves right to a shared position `pos`, then all left by `shift`, the smallest
+        padding; and the capacity that leaves room for every row's tokens to come."""
+        pos = max(self._pos, longest)
+        pads = [r.pad + pos - self._pos for r in self.rows] + [pos - len(r.prompt) for r in joining]
+        shift = min(pads)
+        # Joining rows draw their first token from the prefill; the last token is never fed back.
+        left = [r.left() for r in self.rows] + [r.max_new_tokens - max(r.generated, 1) for r in joining]
+        return pos, shift, pos - shift + max(left)
+
+    def _admissible(self):
+        """The waiting rows that can join now, in order: the batch's size and the window bound them."""
+        with self._changed:
+            for row in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(row)
+                self._end(row, "cancelled")
+            joining = []
+            for row in self._waiting:
+                if len(self.rows) + len(joining) >= self.max_rows:
+                    break
+                candidates = joining + [row]
+                if self._layout(max(len(r.prompt) for r in candidates), candidates)[2] > self.n_ctx:
+                    break
+                joining = candidates
+            for _ in joining:
+                self._waiting.popleft()
+            return joining
+
+    def _admit(self):
+        joining = self._admissible()
+        if not joining:
+            return
+        longest = max(len(r.prompt) for r in joining)
+        tokens = tf.constant([[self.eot_token] * (longest - len(r.prompt)) + r.prompt for r in joining], tf.int32)
+        for row in joining:
+            row.pad = longest - len(row.prompt)
+        logits, state = self.engine.prefill(tokens, tf.constant([r.pad for r in joining], tf.int32),
+                                            tf.constant(longest))
+        self.stats["prefilled_rows"] += len(joining)
+        self._take(joining, self._first(logits, self._row_knobs(joining), self._n_logprobs(joining)))
+        for row in joining:
+            if row.ended:
+                self._end(row, row.ended)
+        staying = [i for i, r in enumerate(joining) if not r.ended]
+        if not staying:
+            return
+        prefilled, joining = len(joining), [joining[i] for i in staying]
+        pos, shift, capacity = self._layout(longest, joining)
+        state = self.engine.rearrange(state, prefilled, tf.constant(staying), longest - pos + shift, capacity)
+        for row in joining:
+            row.pad += pos - longest - shift
+        if self.rows:
+            running = self.engine.rearrange(self._state, len(self.rows), tf.range(len(self.rows)),
+                                            self._pos - pos + shift, capacity)
+            for row in self.rows:
+                row.pad += pos - self._pos - shift
+            state = self.engine.concat(running, state, capacity)
+        self.rows, self._state, self._pos = self.rows + joining, state, pos - shift
