@@ -138,8 +138,11 @@ class Batcher:
             self._changed.notify()
 
     def load(self):
-        """Rows in the batch and rows waiting."""
-        return len(self.rows), len(self._waiting)
+        """Rows decoding (ended ones not counted) and rows waiting."""
+        return len(self._live()), len(self._waiting)
+
+    def _live(self):
+        return [r for r in self.rows if not r.ended]
 
     def start(self):
         self._thread = threading.Thread(target=self.run, name="batcher", daemon=True)
@@ -161,15 +164,15 @@ class Batcher:
                 if self._stopping and not self.rows and not self._waiting:
                     return
             try:
-                self._drop_ended()
+                self._end_rows()
                 self._admit()
-                if self.rows:
+                if self._live():
                     self._step()
             except Exception:  # a failed step ends its rows, not the server
                 import traceback
 
                 traceback.print_exc()
-                for row in self.rows:
+                for row in self._live():
                     self._end(row, "error")
                 self.rows, self._state, self._pos = [], None, 0
 
@@ -186,9 +189,11 @@ class Batcher:
         return tf.constant(max(r.knobs.logprobs for r in rows), tf.int32)
 
     def _take(self, rows, draw):
-        """Hands each row its token; a row that ends there is marked."""
+        """Hands each row its token; a row that ends there is marked. Ended rows get none."""
         token, logprob, top, top_ids = (d.numpy() for d in draw)
         for i, row in enumerate(rows):
+            if row.ended:
+                continue
             row.token = int(token[i])
             row.generated += 1
             self.stats["tokens"] += 1
@@ -201,6 +206,8 @@ class Batcher:
                 row.ended = "stop"
             elif row.left() == 0:
                 row.ended = "length"
+            if row.ended:
+                self._end(row, row.ended)
 
     def _step(self):
         rows = self.rows
@@ -210,7 +217,7 @@ class Batcher:
                                           self._n_logprobs(rows))
         self._pos += 1
         self.stats["steps"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._live()))
         self._take(rows, draw)
 
     def _end(self, row, reason):
@@ -218,37 +225,35 @@ class Batcher:
         self.stats[f"ended_{row.ended}"] += 1
         row.on_end(row, row.ended)
 
-    def _drop_ended(self):
-        """Takes ended and cancelled rows out of the batch, compacting the cache."""
-        for row in self.rows:
-            if row.cancelled and not row.ended:
-                row.ended = "cancelled"
-        keep = [i for i, r in enumerate(self.rows) if not r.ended]
-        if len(keep) == len(self.rows):
-            return
-        for row in self.rows:
-            if row.ended:
-                self._end(row, row.ended)
-        kept = [self.rows[i] for i in keep]
-        if not kept:
+    def _end_rows(self):
+        """Ends cancelled rows; compacts the cache when ended rows are half the batch and none is
+        waiting (a row joining compacts it anyway): ended rows stay in it till then, as moving
+        the cache costs more than a few steps' idle rows."""
+        for row in self._live():
+            if row.cancelled:
+                self._end(row, "cancelled")
+        live = [i for i, r in enumerate(self.rows) if not r.ended]
+        if not live:
             self.rows, self._state, self._pos = [], None, 0
-            return
-        shift = min(r.pad for r in kept)
-        capacity = self._pos - shift + max(r.left() for r in kept)
-        self._state = self.engine.rearrange(self._state, len(self.rows), tf.constant(keep), shift, capacity)
-        for row in kept:
-            row.pad -= shift
-        self.rows, self._pos = kept, self._pos - shift
+        elif len(live) <= len(self.rows) // 2 and not self._waiting:
+            kept = [self.rows[i] for i in live]
+            shift = min(r.pad for r in kept)
+            capacity = self._pos - shift + max(r.left() for r in kept)
+            self._state = self.engine.rearrange(self._state, len(self.rows), live, shift, capacity)
+            for row in kept:
+                row.pad -= shift
+            self.rows, self._pos = kept, self._pos - shift
 
     def _layout(self, longest, joining):
         """Where the batch goes if `joining` rows, prefilled over `longest` positions, join it:
-        every row moves right to a shared position `pos`, then all left by `shift`, the smallest
-        padding; and the capacity that leaves room for every row's tokens to come."""
+        every live row moves right to a shared position `pos`, then all left by `shift`, the
+        smallest padding; and the capacity that leaves room for every row's tokens to come."""
+        live = self._live()
         pos = max(self._pos, longest)
-        pads = [r.pad + pos - self._pos for r in self.rows] + [pos - len(r.prompt) for r in joining]
+        pads = [r.pad + pos - self._pos for r in live] + [pos - len(r.prompt) for r in joining]
         shift = min(pads)
         # Joining rows draw their first token from the prefill; the last token is never fed back.
-        left = [r.left() for r in self.rows] + [r.max_new_tokens - max(r.generated, 1) for r in joining]
+        left = [r.left() for r in live] + [r.max_new_tokens - max(r.generated, 1) for r in joining]
         return pos, shift, pos - shift + max(left)
 
     def _admissible(self):
@@ -257,9 +262,9 @@ class Batcher:
             for row in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(row)
                 self._end(row, "cancelled")
-            joining = []
+            joining, live = [], len(self._live())
             for row in self._waiting:
-                if len(self.rows) + len(joining) >= self.max_rows:
+                if live + len(joining) >= self.max_rows:
                     break
                 candidates = joining + [row]
                 if self._layout(max(len(r.prompt) for r in candidates), candidates)[2] > self.n_ctx:
@@ -281,21 +286,20 @@ class Batcher:
                                             tf.constant(longest))
         self.stats["prefilled_rows"] += len(joining)
         self._take(joining, self._first(logits, self._row_knobs(joining), self._n_logprobs(joining)))
-        for row in joining:
-            if row.ended:
-                self._end(row, row.ended)
         staying = [i for i, r in enumerate(joining) if not r.ended]
         if not staying:
             return
         prefilled, joining = len(joining), [joining[i] for i in staying]
         pos, shift, capacity = self._layout(longest, joining)
-        state = self.engine.rearrange(state, prefilled, tf.constant(staying), longest - pos + shift, capacity)
+        state = self.engine.rearrange(state, prefilled, staying, longest - pos + shift, capacity)
         for row in joining:
             row.pad += pos - longest - shift
-        if self.rows:
-            running = self.engine.rearrange(self._state, len(self.rows), tf.range(len(self.rows)),
-                                            self._pos - pos + shift, capacity)
-            for row in self.rows:
-                row.pad += pos - self._pos - shift
+        live = [i for i, r in enumerate(self.rows) if not r.ended]
+        if live:
+            # Ended rows leave here too: the running rows are moved once either way.
+            running = self.engine.rearrange(self._state, len(self.rows), live, self._pos - pos + shift, capacity)
+            for i in live:
+                self.rows[i].pad += pos - self._pos - shift
             state = self.engine.concat(running, state, capacity)
-        self.rows, self._state, self._pos = self.rows + joining, state, pos - shift
+        self.rows = [self.rows[i] for i in live] + joining
+        self._state, self._pos = state, pos - shift

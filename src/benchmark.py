@@ -230,9 +230,131 @@ def script_figures(model_name, models_dir, dtype, n_ctx):
     return results
 
 
+def _streamed_completion(port, body):
+    """One streamed request to serve.py: (seconds to the first event with text, seconds in all,
+    completion tokens). Raises RuntimeError for an error answer."""
+    import http.client
+
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start = time.perf_counter()
+    try:
+        connection.request("POST", "/v1/completions", json_lib.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"status {response.status}: {response.read()[:200]!r}")
+        first, tokens = None, None
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json_lib.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif first is None and any(c["text"] for c in event["choices"]):
+                first = time.perf_counter() - start
+        if tokens is None:
+            raise RuntimeError("the stream ended without its usage event")
+        return first, time.perf_counter() - start, tokens
+    finally:
+        connection.close()
+
+
+def _rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def _percentiles(name, seconds):
+    import numpy as np
+
+    seconds = [s for s in seconds if s is not None]
+    return {f"{name}_p50_ms": float(np.percentile(seconds, 50)) * 1000,
+            f"{name}_p99_ms": float(np.percentile(seconds, 99)) * 1000}
+
+
+def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed=1000, mixed_clients=16):
+    """serve.py as a user starts it, measured over HTTP: `clients` concurrent requests of
+    `new_tokens` tokens against the same requests one after another (tokens/s), latencies, and
+    `mixed` requests of mixed sizes from `mixed_clients` clients (errors, the server's RSS)."""
+    import random
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
+    server = subprocess.Popen([sys.executable, script, "--model_name", model_name, "--models_dir", models_dir,
+                               "--port", str(port), "--max_batch", str(max(clients, mixed_clients)), "--dtype", dtype],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    results = {}
+    try:
+        results["serve_start_line"] = server.stdout.readline().strip()
+        prompts = [" ".join(f"word{(7 * i + j) % 97}" for j in range(8)) for i in range(clients)]
+        fixed = [dict(model=model_name, prompt=p, max_tokens=new_tokens, seed=i, temperature=1.0)
+                 for i, p in enumerate(prompts)]
+        for _ in range(60):
+            try:
+                _streamed_completion(port, fixed[0])  # up, and warm
+                break
+            except OSError:
+                time.sleep(1)
+        start = time.perf_counter()
+        alone = [_streamed_completion(port, body) for body in fixed]
+        sequential = sum(t for _, _, t in alone) / (time.perf_counter() - start)
+        with ThreadPoolExecutor(clients) as pool:
+            start = time.perf_counter()
+            together = list(pool.map(lambda body: _streamed_completion(port, body), fixed))
+            concurrent = sum(t for _, _, t in together) / (time.perf_counter() - start)
+        results.update({"serve_sequential_tok_s": sequential, f"serve_concurrent{clients}_tok_s": concurrent,
+                        f"serve_concurrent{clients}_gain": concurrent / sequential})
+        results.update(_percentiles("serve_sequential_latency", [total for _, total, _ in alone]))
+        results.update(_percentiles(f"serve_concurrent{clients}_latency", [total for _, total, _ in together]))
+        results.update(_percentiles(f"serve_concurrent{clients}_first_token", [first for first, _, _ in together]))
+        rng = random.Random(0)
+        words = [f" w{i}" for i in range(500)]
+        bodies = [dict(model=model_name, prompt="".join(rng.choices(words, k=rng.randint(1, 100))),
+                       max_tokens=rng.randint(1, 64), n=rng.choice([1, 1, 1, 2]), temperature=rng.choice([0, 0.7, 1]),
+                       top_p=rng.choice([0.9, 1.0]), seed=i, stop=rng.choice([None, "\n", [" w1", " w2"]]))
+                  for i in range(mixed)]
+        rss, errors, timings = [_rss_mib(server.pid)], 0, []
+
+        def send(body):
+            try:
+                return _streamed_completion(port, body)
+            except (RuntimeError, OSError):
+                return None
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(mixed_clients) as pool:
+            for i, timing in enumerate(pool.map(send, bodies)):
+                errors += timing is None
+                timings.append(timing)
+                if (i + 1) % (mixed // 10) == 0:
+                    rss.append(_rss_mib(server.pid))
+        seconds = time.perf_counter() - start
+        done = [t for t in timings if t is not None]
+        results.update({f"serve_mixed{mixed}_errors": errors, f"serve_mixed{mixed}_seconds": seconds,
+                        f"serve_mixed{mixed}_tok_s": sum(t for _, _, t in done) / seconds,
+                        f"serve_mixed{mixed}_rss_mib_by_tenth": " ".join(f"{r:.0f}" for r in rss)})
+        results.update(_percentiles(f"serve_mixed{mixed}_latency", [total for _, total, _ in done]))
+        results.update(_percentiles(f"serve_mixed{mixed}_first_token", [first for first, _, _ in done]))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    results["serve_exit_status"] = server.returncode
+    return results
+
+
 def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8, prompt_length=32,
               length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
-              script=True, train=True, train_batch=1, train_length=256, train_steps=4, train_precision="float32"):
+              script=True, train=True, train_batch=1, train_length=256, train_steps=4, train_precision="float32",
+              serve=False):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -256,6 +378,8 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         train_length: Tokens per training window.
         train_steps: Timed training steps (after two warm-up steps).
         train_precision: float32, mixed_bfloat16 or mixed_float16, as train.py's --precision.
+        serve: Measure serve.py over HTTP: 8 concurrent clients of 64 tokens against the same
+            requests one after another, latencies, and 1000 mixed requests from 16 clients.
     """
     if not keep_grappler:
         runtime.fast_start()
@@ -294,6 +418,8 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
             results["train_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if hf and _hf_installed():
                 results["hf_train_tok_s"] = hf_train_rate(trained, train_batch, train_length, train_steps)
+        if serve:
+            results.update(serve_figures(model_name, models_dir, dtype))
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)

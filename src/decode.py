@@ -106,16 +106,18 @@ class KVCache:
 
     def rearrange(self, state, batch, rows, start, capacity):
         """A new state holding `rows` (indices into a state of `batch` rows), with each one's
-        positions start..start+capacity-1 as 0..capacity-1, zeros where the old state had none:
-        how a running batch drops rows, shifts its positions and grows or shrinks its room."""
+        positions start..start+capacity-1 as 0..capacity-1: how a running batch drops rows,
+        shifts its positions and grows or shrinks its room. Positions the old state lacked
+        copy a neighbour's values: they are masked or written before any step reads them.
+
+        One gather a layer: every flat row of the new state names the old row it copies.
+        """
         old = state[0].shape[0] // (2 * batch * self.n_head)
-        before, after = max(-start, 0), max(start + capacity - old, 0)
-        moved = []
-        for layer in state:
-            view = tf.gather(tf.reshape(layer, [2, batch, self.n_head, old, self.head_dim]), rows, axis=1)
-            view = tf.pad(view, [[0, 0], [0, 0], [0, 0], [before, after], [0, 0]])
-            moved.append(tf.reshape(view[:, :, :, start + before:start + before + capacity], [-1, self.head_dim]))
-        return moved
+        kv_head = tf.range(2)[:, None, None] * batch + tf.convert_to_tensor(rows)[None, :, None]  # [2, B', 1]
+        kv_head = kv_head * self.n_head + tf.range(self.n_head)[None, None, :]  # [2, B', H]
+        positions = tf.clip_by_value(tf.range(start, start + capacity), 0, old - 1)  # [capacity]
+        flat = tf.reshape(kv_head[..., None] * old + positions, [-1])  # [2 * B' * H * capacity]
+        return [tf.gather(layer, flat) for layer in state]
 
     def concat(self, first, second, capacity):
         """The rows of two states of `capacity` positions in one state, first's rows first."""

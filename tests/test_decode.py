@@ -71,3 +71,23 @@ def test_a_cache_write_lands_where_the_view_reads_it():
     k, v = cache.view(layer, slots)  # [B, H, capacity, D]
     np.testing.assert_array_equal(k.numpy()[:, :, 1:3], kv.numpy()[0])
     np.testing.assert_array_equal(v.numpy()[:, :, 1:3], kv.numpy()[1])
+
+
+def test_rows_moved_and_joined_in_a_cache_decode_as_they_did_alone(tiny_lm):
+    decoder = decode.Decoder(tiny_lm)
+    long, short = tokens(1, 7, seed=1), tokens(1, 3, seed=2)
+    alone = [decode_all(decoder, x, x.shape[1] - 1, x.shape[1]) for x in (long, short)]
+    # The short row, prefilled alone, moves right by 4 (its padding) with room for one more
+    # position, and joins the long one: both then step at position 6.
+    _, first = decoder.prefill(tf.constant(long[:, :6]), tf.zeros([1], tf.int32), 7)
+    _, second = decoder.prefill(tf.constant(short[:, :2]), tf.zeros([1], tf.int32), 2)
+    first = decoder.rearrange(first, 1, tf.constant([0]), 0, 7)
+    second = decoder.rearrange(second, 1, tf.constant([0]), -4, 7)
+    state = decoder.concat(first, second, 7)
+    # Dropping the long row and the short one's padding gives back a cache it steps alone on.
+    dropped = decoder.rearrange(state, 2, tf.constant([1]), 4, 3)
+    logits, _ = decoder.step(tf.constant([short[0, 2]]), tf.constant(2), tf.zeros([1], tf.int32), dropped)
+    np.testing.assert_allclose(logits.numpy()[0], alone[1][0, -1], atol=1e-5)
+    logits, _ = decoder.step(tf.constant([long[0, 6], short[0, 2]]), tf.constant(6), tf.constant([0, 4]), state)
+    np.testing.assert_allclose(logits.numpy()[0], alone[0][0, -1], atol=1e-5)
+    np.testing.assert_allclose(logits.numpy()[1], alone[1][0, -1], atol=1e-5)
