@@ -72,7 +72,8 @@ class CompletionRequest:
         if body.get("model") != model_id:
             raise ApiError(f"The model {body.get('model')!r} does not exist: this server serves {model_id!r} "
                            "(GET /v1/models)", "model", "model_not_found")
-        self.prompts = self._prompts(body.get("prompt", "<|endoftext|>"), encoder, n_vocab)
+        # No prompt means the API's default, "<|endoftext|>": an unconditional sample.
+        self.prompts = self._prompts(body.get("prompt", [encoder.eot_token]), encoder, n_vocab)
         self.max_tokens = _whole(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, n_ctx)
         for tokens in self.prompts:
             try:
@@ -159,7 +160,10 @@ class Completion:
         batcher.submit(self.rows)
 
     def _put(self, *event):
-        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop has closed: nobody is left to tell
 
     def _on_token(self, index, token, report):
         text = self._texts[index]
