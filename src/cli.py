@@ -36,6 +36,8 @@ SHARED_ARGS = {
     "bad_words": "A string, or a list like '[\"foo\", \"bar baz\"]', never generated (as it encodes, and after a "
                  "space).",
     "min_length": "No <|endoftext|> before this many new tokens.",
+    "truncate": "A prompt longer than the window: error (the default) stops with an error; left keeps its last "
+                "tokens, with a note on stderr.",
     "json": "Print one JSON object per sample, {\"prompt\": ..., \"text\": ...}, a line each, instead of the "
             "SAMPLE blocks.",
     "logprobs": "With --json, add \"tokens\": each token's id, text, natural-log probability under the model "
