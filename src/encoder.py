@@ -25,6 +25,7 @@ from errors import UserError
 
 DEFAULT_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
 VOCAB_FILES = ("encoder.json", "vocab.bpe")
+HF_VOCAB_FILES = ("vocab.json", "merges.txt")  # the same two files as Hugging Face names them
 END_OF_TEXT = "<|endoftext|>"
 EOT_TOKEN = 50256  # END_OF_TEXT's id in the released vocabulary
 
@@ -166,7 +167,7 @@ class Encoder:
 
     @classmethod
     def from_dir(cls, path, **kwargs):
-        """Loads `encoder.json` and `vocab.bpe` from one directory, e.g. a model's.
+        """Loads `encoder.json` and `vocab.bpe` (or `vocab.json` and `merges.txt`) from one directory, e.g. a model's.
 
         Args:
             path: The directory.
@@ -178,7 +179,7 @@ class Encoder:
         >>> Encoder.from_dir(default_vocab_dir()).n_vocab
         50257
         """
-        return cls.from_files(*(os.path.join(path, name) for name in VOCAB_FILES), **kwargs)
+        return cls.from_files(*vocab_files(path), **kwargs)
 
     def _merge(self, word):
         """The BPE symbols of one word, a string in the BPE alphabet.
@@ -298,6 +299,16 @@ class Encoder:
         'hello world<|endoftext|>'
         """
         return self.decode_bytes(tokens).decode("utf-8", errors=self.errors)
+
+
+def vocab_files(directory):
+    """The paths of a directory's two vocabulary files: `encoder.json` and `vocab.bpe`, or, in a
+    Hugging Face directory without them, `vocab.json` and `merges.txt`."""
+    names = VOCAB_FILES
+    if not os.path.exists(os.path.join(directory, VOCAB_FILES[0])) and os.path.exists(
+            os.path.join(directory, HF_VOCAB_FILES[0])):
+        names = HF_VOCAB_FILES
+    return tuple(os.path.join(directory, name) for name in names)
 
 
 class _MergeLines:
