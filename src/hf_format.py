@@ -75,16 +75,19 @@ def read_hparams(path):
 def hparams_of(config, source=CONFIG_FILE):
     """The HParams of a transformers GPT-2 config (a dict); a UserError names the first setting
     that is not GPT-2's."""
-    refusal = f"{source} is not a GPT-2 this project runs"
+    def refuse(setting, value, needed):
+        return UserError(f"{source} is not a GPT-2 config ({setting} is {json.dumps(value)}, GPT-2 has "
+                         f"{json.dumps(needed)}): this project runs GPT-2 only")
+
     if config.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{refusal}: model_type is {config['model_type']!r}, not 'gpt2'")
+        raise refuse("model_type", config["model_type"], "gpt2")
     for key, needed in _REQUIRED.items():
         if key in config and config[key] != needed:
-            raise UserError(f"{refusal}: {key} is {json.dumps(config[key])}, GPT-2 needs {json.dumps(needed)}")
+            raise refuse(key, config[key], needed)
     # Old configs give the context as n_ctx; transformers reads n_positions, the size of wpe.
     n_ctx = config.get("n_positions", config.get("n_ctx"))
     if "n_positions" in config and "n_ctx" in config and config["n_ctx"] != n_ctx:
-        raise UserError(f"{refusal}: n_ctx ({config['n_ctx']}) differs from n_positions ({n_ctx})")
+        raise refuse("n_ctx", config["n_ctx"], n_ctx)
     values = dict(n_vocab=config.get("vocab_size"), n_ctx=n_ctx, n_embd=config.get("n_embd"),
                   n_head=config.get("n_head"), n_layer=config.get("n_layer"))
     missing = [key for key, value in zip(("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"), values.values())
@@ -93,7 +96,7 @@ def hparams_of(config, source=CONFIG_FILE):
         raise UserError(f"{source} lacks {', '.join(missing)}: download it again")
     hparams = HParams(**values)
     if config.get("n_inner") not in (None, 4 * hparams.n_embd):
-        raise UserError(f"{refusal}: n_inner is {config['n_inner']}, GPT-2 needs {4 * hparams.n_embd} (4 * n_embd)")
+        raise refuse("n_inner", config["n_inner"], 4 * hparams.n_embd)
     return hparams
 
 
