@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+import hf_format
 from encoder import DEFAULT_VOCAB_DIR as VOCAB_DIR
 from encoder import VOCAB_FILES, vocab_files
 from errors import UserError
-import hf_format
 from hparams import HParams
 from runtime import tf
 

@@ -23,7 +23,7 @@ def convert_dir(source, out):
 
     source, out = os.path.abspath(os.path.expanduser(source)), os.path.abspath(os.path.expanduser(out))
     if not os.path.isdir(source):
-        raise UserError(f"source '{source}' is not a directory: pass a model directory")
+        raise UserError(f"'{source}' is not a directory: pass a model directory")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"out '{out}' already exists: choose a new directory")
     to_hf = not hf_format.is_hf_dir(source)
@@ -56,10 +56,12 @@ def convert_dir(source, out):
     "encoder.json, vocab.bpe) to a Hugging Face one (config.json, model.safetensors, vocab.json, merges.txt) "
     "that transformers' GPT2LMHeadModel.from_pretrained loads, or a Hugging Face one to the released format. "
     "The weights are copied exactly, as float32.",
-    source="The model directory to convert; its format is told by its files.",
-    out="The directory to write; it must not exist yet (or be empty).")
-def convert(source: str, out: str):
-    written = convert_dir(source, out)
+    model_name="The model directory to convert, under models_dir; its format is told by its files.",
+    out="The directory to write (a path); it must not exist yet, or be empty.")
+def convert(model_name: str, out: str, models_dir: str = "models"):
+    import hparams
+
+    written = convert_dir(hparams.model_dir(model_name, models_dir), out)
     print(f"wrote {out} in the {'Hugging Face' if written == 'huggingface' else 'released'} format")
 
 

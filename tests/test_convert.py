@@ -88,12 +88,14 @@ def test_an_interrupted_conversion_leaves_nothing(tiny_models_dir, tmp_path, mon
 
 
 def test_the_command_line_converts_and_refuses_an_existing_output(tiny_hf_dir, tmp_path):
-    result = run_script("convert.py", tiny_hf_dir, tmp_path / "released")
+    models_dir, name = os.path.dirname(tiny_hf_dir), os.path.basename(tiny_hf_dir)
+    out = tmp_path / "released"
+    result = run_script("convert.py", name, out, "--models_dir", models_dir)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"wrote {tmp_path / 'released'} in the released format"
-    result = run_script("convert.py", tiny_hf_dir, tmp_path / "released")
+    assert result.stdout.strip() == f"wrote {out} in the released format"
+    result = run_script("convert.py", name, out, "--models_dir", models_dir)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: out '{tmp_path / 'released'}' already exists: "
-                                                  "choose a new directory"]
-    result = run_script("convert.py", tmp_path, tmp_path / "other")
+    assert result.stderr.strip().splitlines() == [f"error: out '{out}' already exists: choose a new directory"]
+    (tmp_path / "empty").mkdir()
+    result = run_script("convert.py", "empty", tmp_path / "other", "--models_dir", tmp_path)
     assert result.returncode == 2 and "neither hparams.json" in result.stderr and len(result.stderr.splitlines()) == 1

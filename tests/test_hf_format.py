@@ -233,3 +233,10 @@ def test_score_reads_a_hugging_face_directory(tiny_hf_dir, theirs, capsys):
     logprobs = torch.log_softmax(torch.from_numpy(their_logits(theirs, x)[0, :-1]), -1).numpy()
     want = logprobs[np.arange(len(ids)), ids]
     np.testing.assert_allclose([t["logprob"] for t in report["token_logprobs"]], want, atol=1e-4)
+
+
+def test_the_name_mapping_examples_hold():
+    import doctest
+
+    results = doctest.testmod(hf_format)
+    assert results.attempted >= 2 and results.failed == 0
