@@ -83,6 +83,11 @@ def test_greedy_output_equals_the_released_format_of_the_same_weights(tiny_hf_di
     text = from_hf.generate(prompts, length=20, temperature=0)
     assert text == released.generate(prompts, length=20, temperature=0)
     assert len(set(text)) == 2 and all(text)
+    # Saving a model read from a Hugging Face directory writes the released format, vocabulary renamed.
+    from_hf.save(str(tmp_path / "saved"))
+    for hf_name, name in [("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")]:
+        assert (tmp_path / "saved" / name).read_bytes() == open(os.path.join(tiny_hf_dir, hf_name), "rb").read()
+    assert api.load("saved", str(tmp_path)).generate(prompts, length=20, temperature=0) == text
 
 
 def test_transformers_leaves_the_tied_output_out_and_conv1d_weights_keep_in_out(tiny_hf_dir, state):
