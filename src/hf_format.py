@@ -310,6 +310,10 @@ def write_files(directory, hparams, weights, vocab_files):
                for n, w in weights.items()}
     # transformers refuses a safetensors file without a format in its metadata.
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    # safetensors creates the file owner-only (0600); give it the mode the other files get.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(os.path.join(directory, WEIGHTS_FILE), 0o666 & ~umask)
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(json.dumps(config(hparams), indent=2) + "\n")
     for source, name in zip(vocab_files, VOCAB_FILES):

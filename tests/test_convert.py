@@ -40,6 +40,7 @@ def test_released_to_hugging_face_and_back_is_bit_for_bit(tiny_models_dir, round
     source = os.path.join(tiny_models_dir, "tiny")
     hf_dir, back = round_trip
     assert sorted(os.listdir(hf_dir)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    assert len({os.stat(os.path.join(hf_dir, name)).st_mode for name in os.listdir(hf_dir)}) == 1
     original, again = variables(source), variables(back)
     assert sorted(original) == sorted(again)
     for name, value in original.items():
