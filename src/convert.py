@@ -29,10 +29,7 @@ def convert_dir(source, out):
     to_hf = not hf_format.is_hf_dir(source)
     hparams = checkpoint.load_hparams(source)
     weights = {name: np.asarray(w) for name, w in checkpoint.open_weights(source, hparams).items()}
-    vocab = encoder.vocab_files(source)
-    missing = [os.path.basename(path) for path in vocab if not os.path.isfile(path)]
-    if missing:
-        raise UserError(f"'{source}' lacks {', '.join(missing)}: copy the vocabulary in from {encoder.DEFAULT_VOCAB_DIR}")
+    vocab = encoder.vocab_texts(source, hint=f"copy the vocabulary in from {encoder.DEFAULT_VOCAB_DIR}")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)

@@ -15,6 +15,7 @@ import re
 import numpy as np
 
 from encoder import HF_VOCAB_FILES as VOCAB_FILES
+from encoder import TOKENIZER_FILE
 from errors import UserError
 from hparams import HParams
 
@@ -50,6 +51,8 @@ def weights_file(path):
 def missing_files(path):
     """The files a Hugging Face directory needs and lacks, by name."""
     missing = [] if weights_file(path) else [WEIGHTS_FILE]
+    if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):  # the vocabulary in one file, as transformers 5 saves it
+        return missing
     return missing + [name for name in VOCAB_FILES if not os.path.isfile(os.path.join(path, name))]
 
 
@@ -292,7 +295,7 @@ class _PickleSource:
         return self._state[name].float().numpy()
 
 
-def write_files(directory, hparams, weights, vocab_files):
+def write_files(directory, hparams, weights, vocab_texts):
     """Writes config.json, model.safetensors, vocab.json and merges.txt into `directory`; the
     caller makes the result appear atomically (by writing into a staging directory).
 
@@ -300,10 +303,8 @@ def write_files(directory, hparams, weights, vocab_files):
         directory: An existing directory.
         hparams: The model's HParams.
         weights: Released name -> array in the released layout (float32).
-        vocab_files: The paths of the encoder.json and vocab.bpe (or vocab.json and merges.txt) to copy.
+        vocab_texts: The texts of encoder.json and vocab.bpe, written as vocab.json and merges.txt.
     """
-    import shutil
-
     from safetensors.numpy import save_file
 
     tensors = {hf_name(n): np.ascontiguousarray(to_hf_layout(n, np.asarray(w, dtype=np.float32)))
@@ -316,5 +317,6 @@ def write_files(directory, hparams, weights, vocab_files):
     os.chmod(os.path.join(directory, WEIGHTS_FILE), 0o666 & ~umask)
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(json.dumps(config(hparams), indent=2) + "\n")
-    for source, name in zip(vocab_files, VOCAB_FILES):
-        shutil.copyfile(source, os.path.join(directory, name))
+    for text, name in zip(vocab_texts, VOCAB_FILES):
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write(text)

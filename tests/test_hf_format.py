@@ -245,3 +245,39 @@ def test_the_name_mapping_examples_hold():
 
     results = doctest.testmod(hf_format)
     assert results.attempted >= 2 and results.failed == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json_only(tiny_hf_dir, tmp_path_factory):
+    """The tiny directory as transformers 5 saves a tokenizer: tokenizer.json, no vocab.json or merges.txt."""
+    path = tmp_path_factory.mktemp("tokenizer") / "variant"
+    shutil.copytree(tiny_hf_dir, path)
+    transformers.GPT2Tokenizer.from_pretrained(tiny_hf_dir).save_pretrained(str(path))
+    for name in ("vocab.json", "merges.txt"):
+        os.remove(path / name)
+    return str(path)
+
+
+def test_a_tokenizer_json_alone_serves_as_the_vocabulary(tokenizer_json_only, tmp_path):
+    import convert
+    import encoder
+
+    assert "tokenizer.json" in os.listdir(tokenizer_json_only)
+    gpt = api.load("variant", os.path.dirname(tokenizer_json_only))
+    text = "Tokenizers: ünïcode, 日本語 and  spaces\n\ntoo."
+    assert gpt.encode(text) == transformers.AutoTokenizer.from_pretrained(tokenizer_json_only)(text)["input_ids"]
+    convert.convert_dir(tokenizer_json_only, str(tmp_path / "released"))
+    bundled = encoder.default_vocab_dir()
+    assert json.loads((tmp_path / "released" / "encoder.json").read_text()) == json.loads(
+        open(os.path.join(bundled, "encoder.json")).read())
+    assert (tmp_path / "released" / "vocab.bpe").read_bytes() == open(os.path.join(bundled, "vocab.bpe"), "rb").read()
+
+
+def test_a_tokenizer_json_that_is_not_byte_level_bpe_is_refused(tokenizer_json_only, tmp_path):
+    path = tmp_path / "variant"
+    shutil.copytree(tokenizer_json_only, path)
+    data = json.loads((path / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Whitespace"}
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="is not GPT-2's byte-level BPE .*pre_tokenizer 'Whitespace'"):
+        api.load("variant", str(tmp_path))
