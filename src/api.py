@@ -21,7 +21,7 @@ from runtime import tf
 
 
 def load(model_name="124M", models_dir="models", dtype="float32"):
-    """Loads a model directory in the released format with its encoder.
+    """Loads a model directory, in the released format or Hugging Face's, with its encoder.
 
     Args:
         model_name: Directory name under `models_dir` (117M and 345M mean 124M and 355M).

@@ -13,7 +13,8 @@ from errors import UserError
 
 # Flags the sampling scripts share, documented once; `documented` builds each script's --help.
 SHARED_ARGS = {
-    "model_name": "Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names).",
+    "model_name": "Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names), or one "
+                  "in Hugging Face's format (config.json, model.safetensors, vocab.json, merges.txt).",
     "seed": "Integer seed; the same seed (and prompts) give the same samples run after run.",
     "batch_size": "Samples generated at once; nsamples must be a multiple of it.",
     "temperature": "Randomness: logits are divided by it; 0 is greedy (always the likeliest token).",
