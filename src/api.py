@@ -21,7 +21,7 @@ from runtime import tf
 
 
 def load(model_name="124M", models_dir="models", dtype="float32"):
-    """Loads a model directory in the released format with its encoder.
+    """Loads a model directory, in the released format or Hugging Face's, with its encoder.
 
     Args:
         model_name: Directory name under `models_dir` (117M and 345M mean 124M and 355M).
@@ -61,9 +61,9 @@ class Model:
     def decode(self, tokens):
         return self.encoder.decode(tokens)
 
-    def _contexts(self, prompts):
-        """Prompt strings or token sequences (lists, numpy arrays) -> token lists; a single
-        prompt becomes a batch of one."""
+    def _contexts(self, prompts, truncate="error"):
+        """Prompt strings or token sequences (lists, numpy arrays) -> token lists, fitted to the
+        window by `sample.fit_prompt`; a single prompt becomes a batch of one."""
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
@@ -79,15 +79,18 @@ class Model:
                     raise UserError(f"a token prompt must be a list of token ids from 0 to {self.hparams.n_vocab - 1}")
             if not tokens:
                 raise UserError("Prompt should not be empty!")
-            contexts.append(tokens)
+            contexts.append(sample_lib.fit_prompt(tokens, self.hparams.n_ctx, truncate))
         return contexts
 
-    def stream(self, prompts, length=None, **options):
+    def stream(self, prompts, length=None, truncate="error", **options):
         """Generates text for each prompt, yielding `(row, text)` pieces as tokens are made.
 
         Args:
             prompts: A string, a list of strings (any lengths), or token lists.
             length: New tokens per row (default: half the window, as the interactive script).
+                Past the window, the window slides (see `sample.TokenStream`).
+            truncate: "error" (a prompt longer than the window raises) or "left" (only its
+                last n_ctx tokens go in).
             temperature: Divides the logits; 0 is greedy.
             top_k: Keep the k most likely tokens (0: off).
             top_p: Keep the nucleus of probability p (1: off).
@@ -106,7 +109,7 @@ class Model:
         `processors.process` gives. Bad options raise here, before any text: this is not itself
         a generator.
         """
-        tokens, rows = self._start(self._contexts(prompts), length, None, **options)
+        tokens, rows = self._start(self._contexts(prompts, truncate), length, None, **options)
         return self._pieces(tokens, rows)
 
     def _start(self, contexts, length, logprobs, *, temperature=1.0, top_k=0, top_p=1.0, seed=None,
@@ -280,7 +283,7 @@ class Model:
         """Where this model's encoder.json and vocab.bpe are (every GPT-2 size shares one vocabulary)."""
         return getattr(self.lm, "path", None) or encoder_lib.default_vocab_dir()
 
-    def generate(self, prompts, length=None, logprobs=None, **options):
+    def generate(self, prompts, length=None, logprobs=None, truncate="error", **options):
         """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a
         single string prompt).
 
@@ -289,7 +292,7 @@ class Model:
         probability under the model's own distribution (before the controls and filters) and
         the N likeliest tokens as [text, logprob] pairs (none for 0).
         """
-        contexts = self._contexts(prompts)
+        contexts = self._contexts(prompts, truncate)
         texts = [""] * len(contexts)
         tokens, rows = self._start(contexts, length, logprobs, **options)
         if logprobs is None:

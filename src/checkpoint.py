@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+import hf_format
 from encoder import DEFAULT_VOCAB_DIR as VOCAB_DIR
-from encoder import VOCAB_FILES
+from encoder import VOCAB_FILES, vocab_texts
 from errors import UserError
 from hparams import HParams
 from runtime import tf
@@ -268,8 +269,9 @@ def write_model_dir(path, hparams, weights, vocab_dir=VOCAB_DIR):
             f.write('model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n')
         with open(os.path.join(staging, "hparams.json"), "w", encoding="utf-8") as f:
             f.write(hparams.to_json())
-        for name in VOCAB_FILES:
-            shutil.copyfile(os.path.join(vocab_dir, name), os.path.join(staging, name))
+        for text, name in zip(vocab_texts(vocab_dir), VOCAB_FILES):
+            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
+                f.write(text)
         os.makedirs(path, exist_ok=True)
         # `checkpoint` goes last: until it is replaced, readers see the previous complete set.
         names = sorted(os.listdir(staging), key=lambda n: n == "checkpoint")
@@ -302,4 +304,23 @@ def write_random_model(path, hparams, seed=0, std=0.02):
 
 
 def load_hparams(model_dir):
-    return HParams.from_json(os.path.join(model_dir, "hparams.json"))
+    """The HParams of a model directory: its hparams.json, or a Hugging Face directory's config.json."""
+    if hf_format.is_hf_dir(model_dir):
+        return hf_format.read_hparams(model_dir)
+    path = os.path.join(model_dir, "hparams.json")
+    if os.path.isdir(model_dir) and not os.path.exists(path):
+        raise UserError(f"'{model_dir}' holds neither hparams.json (the released format) nor {hf_format.CONFIG_FILE} "
+                        f"(Hugging Face's): {_REDOWNLOAD}, or pass a Hugging Face model directory")
+    return HParams.from_json(path)
+
+
+def open_weights(model_dir, hparams, prefix=None):
+    """The weights of a model directory, read one variable at a time and checked against `hparams`:
+    a `CheckpointWeights`, or for a Hugging Face directory its tensors in the released names and layout."""
+    if prefix is not None or not hf_format.is_hf_dir(model_dir):
+        return CheckpointWeights(model_dir, hparams, prefix=prefix)
+    weights = hf_format.HFWeights(model_dir)
+    problem = compare_shapes(variable_shapes(hparams), weights.shapes)
+    if problem:
+        raise UserError(f"{weights.path} does not match {hf_format.CONFIG_FILE}: {problem}")
+    return weights

@@ -13,7 +13,8 @@ from errors import UserError
 
 # Flags the sampling scripts share, documented once; `documented` builds each script's --help.
 SHARED_ARGS = {
-    "model_name": "Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names).",
+    "model_name": "Model directory under models_dir: 124M, 355M, 774M, 1558M (117M, 345M: legacy names), or one "
+                  "in Hugging Face's format (config.json, model.safetensors, vocab.json, merges.txt).",
     "seed": "Integer seed; the same seed (and prompts) give the same samples run after run.",
     "batch_size": "Samples generated at once; nsamples must be a multiple of it.",
     "temperature": "Randomness: logits are divided by it; 0 is greedy (always the likeliest token).",
@@ -36,6 +37,8 @@ SHARED_ARGS = {
     "bad_words": "A string, or a list like '[\"foo\", \"bar baz\"]', never generated (as it encodes, and after a "
                  "space).",
     "min_length": "No <|endoftext|> before this many new tokens.",
+    "truncate": "A prompt longer than the window: error (the default) stops with an error; left keeps its last "
+                "tokens, with a note on stderr.",
     "json": "Print one JSON object per sample, {\"prompt\": ..., \"text\": ...}, a line each, instead of the "
             "SAMPLE blocks.",
     "logprobs": "With --json, add \"tokens\": each token's id, text, natural-log probability under the model "

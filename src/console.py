@@ -47,3 +47,10 @@ def print_json(prompts, results):
     for prompt, result in zip(prompts, results):
         record = result if isinstance(result, dict) else dict(prompt=prompt, text=result)
         print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
+def note_truncated(kept, length, prompt_number=None):
+    """Says on stderr that only the last `kept` of a prompt's `length` tokens went in."""
+    which = f"prompt {prompt_number}" if prompt_number is not None else "the prompt"
+    print(f"note: {which} is {length} tokens, longer than the window: only its last {kept} go in (--truncate left)",
+          file=sys.stderr, flush=True)

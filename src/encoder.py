@@ -25,6 +25,8 @@ from errors import UserError
 
 DEFAULT_VOCAB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")
 VOCAB_FILES = ("encoder.json", "vocab.bpe")
+HF_VOCAB_FILES = ("vocab.json", "merges.txt")  # the same two files as Hugging Face names them
+TOKENIZER_FILE = "tokenizer.json"  # Hugging Face's one-file form of them
 END_OF_TEXT = "<|endoftext|>"
 EOT_TOKEN = 50256  # END_OF_TEXT's id in the released vocabulary
 
@@ -152,21 +154,24 @@ class Encoder:
             raise UserError(f"cannot read the vocabulary {encoder_json_path} / {vocab_bpe_path} ({e}): {hint}") from None
         # Blank lines (the final newline) hold no merge.
         merges = _MergeLines(merges_text)
-        problem = None
-        if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
-            problem = f"{encoder_json_path} is not a token -> id table"
-        elif any(len(pair) != 2 for pair in merges):
-            problem = f"{vocab_bpe_path} has a line that is not one merge pair"
-        elif not all(c in encoder for c in bytes_to_unicode().values()):
-            # Without a token for every byte some text could not be encoded at all.
-            problem = f"{encoder_json_path} lacks tokens for single bytes"
-        if problem:
-            raise UserError(f"malformed vocabulary: {problem}: {hint}")
+        _check_vocabulary(encoder, merges, encoder_json_path, vocab_bpe_path, hint)
+        return cls(encoder, merges, **kwargs)
+
+    @classmethod
+    def from_tokenizer_json(cls, path, *, hint="download it again", **kwargs):
+        """Loads an encoder from a Hugging Face `tokenizer.json` holding GPT-2's byte-level BPE
+        (what transformers 5 saves in place of vocab.json and merges.txt).
+
+        Raises:
+            UserError: The file is missing, unreadable or not a byte-level BPE vocabulary.
+        """
+        encoder, merges = _read_tokenizer_json(path, hint)
+        _check_vocabulary(encoder, merges, path, path, hint)
         return cls(encoder, merges, **kwargs)
 
     @classmethod
     def from_dir(cls, path, **kwargs):
-        """Loads `encoder.json` and `vocab.bpe` from one directory, e.g. a model's.
+        """Loads `encoder.json` and `vocab.bpe` (or `vocab.json` and `merges.txt`) from one directory, e.g. a model's.
 
         Args:
             path: The directory.
@@ -178,7 +183,10 @@ class Encoder:
         >>> Encoder.from_dir(default_vocab_dir()).n_vocab
         50257
         """
-        return cls.from_files(*(os.path.join(path, name) for name in VOCAB_FILES), **kwargs)
+        tokenizer = os.path.join(path, TOKENIZER_FILE)
+        if not any(map(os.path.exists, vocab_files(path))) and os.path.exists(tokenizer):
+            return cls.from_tokenizer_json(tokenizer, **kwargs)
+        return cls.from_files(*vocab_files(path), **kwargs)
 
     def _merge(self, word):
         """The BPE symbols of one word, a string in the BPE alphabet.
@@ -298,6 +306,64 @@ class Encoder:
         'hello world<|endoftext|>'
         """
         return self.decode_bytes(tokens).decode("utf-8", errors=self.errors)
+
+
+def vocab_files(directory):
+    """The paths of a directory's two vocabulary files: `encoder.json` and `vocab.bpe`, or, in a
+    Hugging Face directory without them, `vocab.json` and `merges.txt`."""
+    names = VOCAB_FILES
+    if not os.path.exists(os.path.join(directory, VOCAB_FILES[0])) and os.path.exists(
+            os.path.join(directory, HF_VOCAB_FILES[0])):
+        names = HF_VOCAB_FILES
+    return tuple(os.path.join(directory, name) for name in names)
+
+
+def vocab_texts(directory, hint="download the model again with download_model.py"):
+    """The texts of a directory's `encoder.json` and `vocab.bpe`, as they are in its two
+    vocabulary files, or made from its tokenizer.json when it has only that."""
+    tokenizer = os.path.join(directory, TOKENIZER_FILE)
+    if not any(map(os.path.exists, vocab_files(directory))) and os.path.exists(tokenizer):
+        encoder, merges = _read_tokenizer_json(tokenizer, hint)
+        return json.dumps(encoder), "\n".join(["#version: 0.2", *(" ".join(pair) for pair in merges)]) + "\n"
+    texts = []
+    for path in vocab_files(directory):
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing: {hint}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path} ({e}): {hint}") from None
+    return tuple(texts)
+
+
+def _read_tokenizer_json(path, hint):
+    """(token -> id, merge pairs) of a tokenizer.json, which must be byte-level BPE like GPT-2's."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        model, pre_tokenizer = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise UserError(f"cannot read {path} ({e}): {hint}") from None
+    if model.get("type", "BPE") != "BPE" or pre_tokenizer.get("type") != "ByteLevel" or "vocab" not in model:
+        raise UserError(f"{path} is not GPT-2's byte-level BPE (model {model.get('type')!r}, pre_tokenizer "
+                        f"{pre_tokenizer.get('type')!r}): this project reads GPT-2's vocabulary only")
+    # tokenizers writes a merge as "a b" or, since 0.20, as ["a", "b"].
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    return model["vocab"], merges
+
+
+def _check_vocabulary(encoder, merges, encoder_name, merges_name, hint):
+    problem = None
+    if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
+        problem = f"{encoder_name} is not a token -> id table"
+    elif any(len(pair) != 2 for pair in merges):
+        problem = f"{merges_name} has a line that is not one merge pair"
+    elif not all(c in encoder for c in bytes_to_unicode().values()):
+        # Without a token for every byte some text could not be encoded at all.
+        problem = f"{encoder_name} lacks tokens for single bytes"
+    if problem:
+        raise UserError(f"malformed vocabulary: {problem}: {hint}")
 
 
 class _MergeLines:

@@ -46,7 +46,8 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
                  top_k: int = 0, top_p=1, models_dir: str = "models", stop_at_eot: bool = False,
                  stop: cli.str_or_list = None, dtype: str = "float32",
                  repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
-                 bad_words: cli.str_or_list = None, min_length: int = 0, json: bool = False, logprobs: int = None):
+                 bad_words: cli.str_or_list = None, min_length: int = 0, json: bool = False, logprobs: int = None,
+                 truncate: str = "error"):
     # Imported here so --help answers without starting TensorFlow.
     runtime.fast_start(system_allocator=True)
     import api
@@ -60,17 +61,21 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
         raise UserError("the prompt is empty: give some text")
     cli.check_counts(nsamples, batch_size if not per_line else 1)
     cli.check_counts(batch_size, batch_size)  # batch_size itself: a whole number >= 1
+    sample.check_truncate(truncate)
     controls = cli.sampling_controls(temperature, top_k, top_p, repetition_penalty, presence_penalty,
                                      frequency_penalty, logit_bias, bad_words, min_length, json=json, logprobs=logprobs)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2
-    contexts = [gpt.encode(p) for p in prompts]
-    for p, context in enumerate(contexts):
+    contexts = []
+    for p, text in enumerate(prompts):
+        tokens = gpt.encode(text)
         try:
-            sample.check_room(gpt.hparams.n_ctx, len(context), length)
+            contexts.append(sample.fit_prompt(tokens, gpt.hparams.n_ctx, truncate))
         except UserError as e:
             raise UserError(f"prompt {p + 1}: {e}" if per_line else str(e)) from None
+        if len(contexts[-1]) < len(tokens):
+            console.note_truncated(len(contexts[-1]), len(tokens), p + 1 if per_line else None)
     # Every (prompt, sample) pair is a row; batches are cut from them in order.
     rows = [(p, n) for p in range(len(contexts)) for n in range(nsamples)]
     base_seed = sample.new_seed(seed)
@@ -80,7 +85,8 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
                        stop_at_eot=stop_at_eot, stop=stop, **controls)
         if json:
             batch_prompts = [prompts[p] for p, _ in batch_rows]
-            console.print_json(batch_prompts, gpt.generate(batch_prompts, length, logprobs=logprobs, **options))
+            console.print_json(batch_prompts, gpt.generate(batch_prompts, length, logprobs=logprobs, truncate=truncate,
+                                                           **options))
             continue
         pieces = gpt.stream([contexts[p] for p, _ in batch_rows], length, **options)
 

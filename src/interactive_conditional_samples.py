@@ -37,7 +37,7 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
                    length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
                    stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32",
                    repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
-                   bad_words: cli.str_or_list = None, min_length: int = 0):
+                   bad_words: cli.str_or_list = None, min_length: int = 0, truncate: str = "error"):
     # Imported here so --help answers without starting TensorFlow.
     runtime.fast_start(system_allocator=True)
     import api
@@ -53,10 +53,10 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
                                      frequency_penalty, logit_bias, bad_words, min_length)
     if length is not None:
         cli.check_whole("length", length, 1)
+    sample.check_truncate(truncate)
     gpt = api.load(model_name, models_dir, dtype=dtype)
     if length is None:
         length = gpt.hparams.n_ctx // 2
-    sample.check_room(gpt.hparams.n_ctx, 1, length)  # now, rather than after each prompt
     base_seed = sample.new_seed(seed)
     prompts_done = 0
     try:
@@ -65,12 +65,14 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
             while not raw_text:
                 print("Prompt should not be empty!")
                 raw_text = read_prompt()
-            context = gpt.encode(raw_text)
+            tokens = gpt.encode(raw_text)
             try:
-                sample.check_room(gpt.hparams.n_ctx, len(context), length)
+                context = sample.fit_prompt(tokens, gpt.hparams.n_ctx, truncate)
             except UserError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                print(f"error: {cli.as_flags(str(e), interact_model)}", file=sys.stderr, flush=True)
                 continue
+            if len(context) < len(tokens):
+                console.note_truncated(len(context), len(tokens))
             for batch in range(nsamples // batch_size):
                 seed_ = sample.batch_seed(base_seed, prompts_done * (nsamples // batch_size) + batch)
                 pieces = gpt.stream([context] * batch_size, length, temperature=temperature, top_k=top_k,

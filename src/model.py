@@ -230,12 +230,12 @@ class GPT2(tf.Module):
 
 
 def load_model(model_name="124M", models_dir="models", dtype="float32"):
-    """A `GPT2` (with `.path`) from `models_dir/model_name` in the released format; legacy names
+    """A `GPT2` (with `.path`) from `models_dir/model_name`, in the released format or Hugging Face's; legacy names
     117M and 345M mean 124M and 355M; dtype 'float32' (exact) or 'bfloat16' (weights and products)."""
     compute_dtype = parse_dtype(dtype)
     path = hparams_lib.model_dir(model_name, models_dir)
     hp = checkpoint.load_hparams(path)
-    lm = GPT2(hp, checkpoint.CheckpointWeights(path, hp), compute_dtype=compute_dtype)
+    lm = GPT2(hp, checkpoint.open_weights(path, hp), compute_dtype=compute_dtype)
     lm.path = path
     return lm
 

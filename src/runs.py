@@ -14,7 +14,7 @@ import secrets
 
 from checkpoint import to_checkpoint_layout, to_model_layout
 from errors import UserError
-from encoder import VOCAB_FILES
+from encoder import VOCAB_FILES, vocab_texts
 from runtime import tf
 
 STEP_PREFIX = re.compile(r"^model-(\d+)$")
@@ -46,14 +46,10 @@ def prepare(run_dir, source_dir, hparams):
     os.makedirs(run_dir, exist_ok=True)
     remove_leftovers(run_dir)
     write_atomically(os.path.join(run_dir, "hparams.json"), hparams.to_json())
-    for name in VOCAB_FILES:
-        source, target = os.path.join(source_dir, name), os.path.join(run_dir, name)
-        if os.path.abspath(source) == os.path.abspath(target):
-            continue
-        if not os.path.exists(source):
-            raise UserError(f"{source} is missing: download the model again with download_model.py")
-        with open(source, encoding="utf-8") as f:
-            write_atomically(target, f.read())
+    if os.path.abspath(source_dir) == os.path.abspath(run_dir):
+        return
+    for text, name in zip(vocab_texts(source_dir), VOCAB_FILES):
+        write_atomically(os.path.join(run_dir, name), text)
 
 
 def saved_steps(run_dir):

@@ -188,19 +188,36 @@ def check_length(length):
     return _whole("length", length, 1)
 
 
-def check_room(n_ctx, prompt_length, length):
-    """UserError unless a prompt of `prompt_length` tokens plus `length` new ones fit the window.
-
-    The last new token is never fed back, so they need prompt_length + length - 1 positions.
-    """
-    if length > n_ctx:
-        raise UserError(f"can't get samples longer than the window: length must be at most {n_ctx}")
-    over = prompt_length + length - 1 - n_ctx
+def check_room(n_ctx, prompt_length):
+    """UserError unless a prompt of `prompt_length` tokens fits the window (new tokens past it
+    slide the window: see `TokenStream`)."""
+    over = prompt_length - n_ctx
     if over > 0:
-        room = n_ctx - prompt_length + 1
-        fix = f"length {room} or less, or " if room >= 1 else ""
-        raise UserError(f"the prompt is {prompt_length} tokens and the window {n_ctx}, so {length} new tokens "
-                        f"do not fit: use {fix}a prompt {over} tokens shorter")
+        raise UserError(f"the prompt is {prompt_length} tokens and the window {n_ctx}: use a prompt {over} tokens "
+                        f"shorter, or use truncate left to keep its last {n_ctx}")
+
+
+TRUNCATE = ("error", "left")
+
+
+def check_truncate(truncate):
+    if truncate not in TRUNCATE:
+        raise UserError(f"truncate must be error or left, not {truncate!r}")
+    return truncate
+
+
+def fit_prompt(tokens, n_ctx, truncate="error"):
+    """The prompt's tokens as they go in: all of them, or with truncate "left" the last `n_ctx`
+    of a longer one; else a UserError (`check_room`)."""
+    if check_truncate(truncate) == "left":
+        return list(tokens[-n_ctx:])
+    check_room(n_ctx, len(tokens))
+    return list(tokens)
+
+
+def slide_keep(n_ctx):
+    """How many of the last tokens stay in the window when it slides: half of it."""
+    return max(1, n_ctx // 2)
 
 
 class Sampler:
@@ -285,8 +302,8 @@ class Sampler:
         return tokens, logits, state, done, tally, (own, top, top_ids)
 
     def _last(self, logits, done, knobs, controls, tally, step):
-        token, done, _, report = self._pick(logits, done, knobs, controls, tally, step)
-        return token[:, None], done, tuple(r[:, None] for r in report)
+        token, done, tally, report = self._pick(logits, done, knobs, controls, tally, step)
+        return token[:, None], done, tally, tuple(r[:, None] for r in report)
 
     def generate(self, contexts, length, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, stop_at_eot=False,
                  logprobs=None, max_chunk=32, **controls):
@@ -312,6 +329,11 @@ class TokenStream:
     first `<|endoftext|>` (included) and then repeats it; `stop(rows)` ends rows early, as a
     stop string does. Generation ends when `length` tokens are out or every row has ended.
 
+    Any `length` may be asked for. When the window is full, it slides: the last
+    `slide_keep(n_ctx)` tokens (half the window) are run through the model again as a new
+    prompt, and generation goes on, so a token past the window sees between half a window
+    and a whole one behind it. Each slide costs one prefill of that many tokens.
+
     With logprobs asked for, `logprobs` holds the last chunk's: each token's natural-log
     probability under the model's own distribution (before controls and filters) [batch, n],
     and the likeliest tokens' [batch, n, N] with their ids [batch, n, N]; else it is None.
@@ -323,13 +345,12 @@ class TokenStream:
         if not contexts or any(len(c) == 0 for c in contexts):
             raise UserError("every prompt needs at least one token")
         longest = max(len(c) for c in contexts)
-        check_room(sampler.hparams.n_ctx, longest, length)
+        check_room(sampler.hparams.n_ctx, longest)
         eot = sampler.eot_token
         self._sampler = sampler
-        self._pad = tf.constant([longest - len(c) for c in contexts], tf.int32)
-        self._tokens = tf.constant(np.array([[eot] * (longest - len(c)) + c for c in contexts], np.int32))
+        self._pad = np.array([longest - len(c) for c in contexts], np.int32)
+        self._tokens = np.array([[eot] * (longest - len(c)) + c for c in contexts], np.int32)
         self._length = length
-        self._prompt_length = longest
         self._knobs = knobs.tensors()
         self._controls = controls.tensors(sampler.hparams.n_vocab)
         self._tally = controls.tally(contexts, sampler.hparams.n_vocab)
@@ -348,33 +369,56 @@ class TokenStream:
         self._done[np.asarray(rows, dtype=int)] = True
 
     def __iter__(self):
-        s = self._sampler
-        capacity = self._prompt_length + self._length - 1
-        logits, state = s.prefill(self._tokens, self._pad, tf.constant(capacity))
+        s, n_ctx = self._sampler, self._sampler.hparams.n_ctx
+        history = [self._tokens]  # every row's tokens so far, kept for sliding the window
+        fed, pad = self._tokens.shape[1], tf.constant(self._pad)
+        logits, state = s.prefill(tf.constant(self._tokens), pad, tf.constant(min(n_ctx, fed + self._length - 1)))
         produced, chunk = 0, FIRST_TOKENS
         run = s.chunk_function(len(self._done))
-        while produced < self._length - 1 and not self._done.all():
+        while produced < self._length and not self._done.all():
+            if produced == self._length - 1 or fed == n_ctx:
+                # The last token, or the window is full: pick one without feeding it back.
+                out, done, self._tally, report = s.sample_last(logits, tf.constant(self._done), self._knobs,
+                                                               self._controls, self._tally, tf.constant(produced))
+                self._done |= done.numpy()
+                if self._report:
+                    self.logprobs = tuple(r.numpy() for r in report)
+                out = out.numpy()
+                produced += 1
+                yield out
+                if produced == self._length or self._done.all():
+                    return
+                history.append(out)
+                window = self._slide(history)
+                pad, fed = tf.constant(self._pad), window.shape[1]
+                logits, state = s.prefill(tf.constant(window), pad,
+                                          tf.constant(min(n_ctx, fed + self._length - produced - 1)))
+                continue
             if produced < FIRST_TOKENS:
                 n = 1
             else:
-                n = min(chunk, self._max_chunk, self._length - 1 - produced)
+                n = min(chunk, self._max_chunk, self._length - 1 - produced, n_ctx - fed)
                 chunk *= 2
             out, logits, state, done, self._tally, report = run(
-                logits, state, tf.constant(self._done), tf.constant(self._prompt_length + produced), self._pad,
-                tf.constant(n), tf.constant(produced), self._knobs, self._controls, self._tally)
+                logits, state, tf.constant(self._done), tf.constant(fed), pad, tf.constant(n),
+                tf.constant(produced), self._knobs, self._controls, self._tally)
             self._done |= done.numpy()
             out = out.numpy().T
             if self._report:
                 self.logprobs = tuple(np.swapaxes(r.numpy(), 0, 1) for r in report)
             produced += out.shape[1]
+            fed += out.shape[1]
             if out.shape[1]:
+                history.append(out)
                 yield out
             if out.shape[1] < n:
                 return
-        if produced == self._length - 1 and not self._done.all():
-            out, done, report = s.sample_last(logits, tf.constant(self._done), self._knobs, self._controls,
-                                              self._tally, tf.constant(produced))
-            self._done |= done.numpy()
-            if self._report:
-                self.logprobs = tuple(r.numpy() for r in report)
-            yield out.numpy()
+
+    def _slide(self, history):
+        """Cuts `history` to every row's last `slide_keep` tokens and returns them [B, keep];
+        the rows' left padding shrinks by what was cut."""
+        tokens = np.concatenate(history, axis=1)
+        keep = slide_keep(self._sampler.hparams.n_ctx)
+        self._pad = np.maximum(self._pad - (tokens.shape[1] - keep), 0).astype(np.int32)
+        history[:] = [tokens[:, -keep:]]
+        return history[0]

@@ -121,7 +121,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         val_data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, val_dataset, combine, encoding), seed=1)
         val_batches = finetune.validation_batches(val_data, val_batch_size, val_batch_count, hp.n_ctx)
 
-    lm = trainer_lib.build_model(hp, checkpoint.CheckpointWeights(source_dir, hp, prefix=prefix), strategy, precision)
+    lm = trainer_lib.build_model(hp, checkpoint.open_weights(source_dir, hp, prefix=prefix), strategy, precision)
     trainer = trainer_lib.Trainer(lm, strategy, optimizer=optimizer, learning_rate=learning_rate,
                                   accumulate_gradients=accumulate_gradients,
                                   memory_saving_gradients=memory_saving_gradients,
@@ -167,6 +167,7 @@ def check_directory(flag, path):
 def resolve_start(restore_from, run_dir, model_name, models_dir):
     """Where the starting weights come from: (model directory, checkpoint prefix or None, step)."""
     import checkpoint
+    import hf_format
     import hparams as hparams_lib
     import runs
 
@@ -179,7 +180,7 @@ def resolve_start(restore_from, run_dir, model_name, models_dir):
         return hparams_lib.model_dir(model_name, models_dir), None, 0
     path = os.path.expanduser(str(restore_from))
     if os.path.isdir(path):
-        return path, checkpoint.checkpoint_prefix(path), 0
+        return path, None if hf_format.is_hf_dir(path) else checkpoint.checkpoint_prefix(path), 0
     if os.path.exists(path + ".index"):
         return os.path.dirname(path) or ".", path, 0
     raise UserError(f"--restore_from must be latest, fresh, a model directory or a checkpoint prefix; "

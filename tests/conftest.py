@@ -32,6 +32,32 @@ def tiny_lm(tiny_models_dir):
     return model.load_model("tiny", tiny_models_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A Hugging Face directory of the tiny shape written by transformers itself: a random
+    GPT2LMHeadModel (every tensor perturbed, so norms and biases matter too) saved with
+    save_pretrained, with the bundled vocabulary as vocab.json and merges.txt."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import encoder
+
+    h = TINY_HPARAMS
+    config = transformers.GPT2Config(vocab_size=h["n_vocab"], n_positions=h["n_ctx"], n_embd=h["n_embd"],
+                                     n_head=h["n_head"], n_layer=h["n_layer"])
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for parameter in hf.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    path = tmp_path_factory.mktemp("hf") / "tiny-hf"
+    hf.save_pretrained(str(path))
+    for source, name in zip(encoder.vocab_files(encoder.default_vocab_dir()), encoder.HF_VOCAB_FILES):
+        shutil.copyfile(source, path / name)
+    return str(path)
+
+
 def sigint_as_at_a_terminal():
     """A Popen preexec_fn giving the child Ctrl-C's default action, as at a terminal. A shell
     without job control starts background jobs (a CI runner's, say) with SIGINT ignored, which a

@@ -26,6 +26,46 @@ def test_greedy_generation_equals_repeated_full_passes(gpt):
         assert gpt.generate(prompt, length=10, temperature=0) == expected
 
 
+def sliding_greedy(gpt, prompts, length):
+    """Greedy continuations past the window by full passes, with TokenStream's rule written out
+    independently: rows share left-padded columns; when a row's window would exceed n_ctx after a
+    token, the window restarts at the last half of it (the same columns for every row)."""
+    n_ctx, keep = gpt.hparams.n_ctx, gpt.hparams.n_ctx // 2
+    longest = max(len(p) for p in prompts)
+    columns = [[None] * (longest - len(p)) + list(p) for p in prompts]
+    start = 0
+    for _ in range(length):
+        for row in columns:
+            context = [t for t in row[start:] if t is not None]
+            row.append(int(np.argmax(gpt.lm(np.array([context], np.int32))["logits"].numpy()[0, -1])))
+        if len(columns[0]) - start > n_ctx:
+            start = len(columns[0]) - keep
+    return [row[longest:] for row in columns]
+
+
+def test_generation_slides_the_window_for_any_length(gpt):
+    # Three windows' worth of new tokens, from prompts of two lengths sharing the batch.
+    prompts = [gpt.encode("Hi"), gpt.encode(" word" * 40)]
+    length = 3 * gpt.hparams.n_ctx
+    expected = sliding_greedy(gpt, prompts, length)
+    got = np.concatenate(list(gpt.sampler.generate(prompts, length, temperature=0)), axis=1)
+    assert got.shape == (2, length)
+    assert got.tolist() == expected
+
+
+def test_truncate_left_keeps_the_last_tokens_of_a_long_prompt(gpt):
+    long_prompt = " ".join(str(i) for i in range(100))
+    tokens = gpt.encode(long_prompt)
+    assert len(tokens) > gpt.hparams.n_ctx
+    with pytest.raises(UserError, match=rf"the prompt is {len(tokens)} tokens and the window 64: use a prompt "
+                                        rf"{len(tokens) - 64} tokens shorter, or use truncate left"):
+        gpt.generate(long_prompt, 5)
+    kept = gpt.generate(long_prompt, 5, truncate="left", top_k=5, seed=3)
+    assert kept == gpt.generate(tokens[-64:], 5, top_k=5, seed=3)[0]
+    with pytest.raises(UserError, match="truncate must be error or left, not 'right'"):
+        gpt.generate(long_prompt, 5, truncate="right")
+
+
 def test_a_batch_of_different_lengths_equals_each_prompt_alone(gpt):
     prompts = ["Hi", "A considerably longer prompt than the first", "Mid length one"]
     batch = gpt.generate(prompts, length=8, temperature=0)
@@ -42,7 +82,7 @@ def test_stream_yields_pieces_as_they_are_made(gpt):
 def test_stream_rejects_bad_options_when_called_not_when_first_read(gpt):
     # Scripts print a header between the call and the first piece; the error must come first.
     with pytest.raises(UserError, match="window"):
-        gpt.stream("Hi", length=gpt.hparams.n_ctx + 1)
+        gpt.stream(" word" * (gpt.hparams.n_ctx + 1), length=4)
     with pytest.raises(UserError, match="top_p"):
         gpt.stream("Hi", length=4, top_p=0)
 

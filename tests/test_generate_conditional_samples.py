@@ -66,9 +66,20 @@ def test_bad_prompt_files(tiny_models_dir, tmp_path, content, pattern):
 
 
 def test_prompt_too_long_says_how_much_room(tiny_models_dir):
-    result = run(tiny_models_dir, " word" * 60, length=10)
-    assert_one_line_error(result, r"the prompt is 60 tokens and the window 64, so 10 new tokens do not fit: use --length 5 or less, "
-                                  r"or a prompt 5 tokens shorter$")
+    result = run(tiny_models_dir, " word" * 70, length=10)
+    assert_one_line_error(result, r"the prompt is 70 tokens and the window 64: use a prompt 6 tokens shorter, "
+                                  r"or use --truncate left to keep its last 64$")
+
+
+def test_truncate_left_notes_it_and_goes_on_past_the_window(tiny_models_dir):
+    import api
+
+    result = run(tiny_models_dir, " word" * 70, "--truncate", "left", "--temperature", 0, length=100)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "note: the prompt is 70 tokens, longer than the window: only its last 64 go in (--truncate left)"]
+    gpt = api.load("tiny", tiny_models_dir)
+    assert gpt.generate([gpt.encode(" word" * 70)[-64:]], 100, temperature=0)[0] in result.stdout
 
 
 def test_missing_prompt_file(tiny_models_dir, tmp_path):

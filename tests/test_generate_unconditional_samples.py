@@ -61,7 +61,6 @@ def test_seed_repeats_the_output(tiny_models_dir):
 
 @pytest.mark.parametrize("args,pattern", [
     (["--nsamples", 3, "--batch_size", 2], r"--nsamples \(3\) must be a multiple of --batch_size \(2\)"),
-    (["--length", 65], r"--length must be at most 64"),
     (["--top_k", -1], r"--top_k"),
     (["--top_p", 0], r"--top_p must be in \(0, 1\]"),
     (["--top_p", 1.5], r"--top_p must be in \(0, 1\]"),

@@ -37,6 +37,14 @@ def test_prompts_until_end_of_input(tiny_models_dir):
     assert out.count("=" * 80 + "\n") == 2
 
 
+def test_a_prompt_too_long_is_refused_and_the_next_one_answered(tiny_models_dir):
+    result = run(tiny_models_dir, " word" * 70 + "\nHello\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ("error: the prompt is 70 tokens and the window 64: use a prompt 6 tokens shorter, "
+                                     "or use --truncate left to keep its last 64")
+    assert headers(result.stdout) == [1]
+
+
 def test_backslash_continues_the_prompt(tiny_models_dir):
     result = run(tiny_models_dir, "first line\\\nsecond line\n")
     out = result.stdout
@@ -116,7 +124,6 @@ def test_undecodable_bytes_under_a_utf8_locale_are_a_one_line_error(tiny_models_
 
 
 @pytest.mark.parametrize("length,pattern", [
-    (200, r"can't get samples longer than the window: --length must be at most 64$"),
     (0, r"--length must be a whole number >= 1, got 0"),
 ])
 def test_a_length_the_model_cannot_give_is_refused_before_the_first_prompt(tiny_models_dir, length, pattern):

@@ -187,10 +187,15 @@ def test_stop_rows_from_outside(stub_sampler):
     assert out[1].tolist()[:2] == [1, 2] and set(out[1].tolist()[2:]) == {11}
 
 
+def test_the_loop_goes_on_past_the_window(stub_sampler):
+    # Window 16: three windows' worth, each slide re-reading the last half as a prompt.
+    out = generate(stub_sampler, [[3], [0, 1, 2, 5, 6]], 48, temperature=0, max_chunk=5)
+    assert out.tolist() == [[(4 + i) % 12 for i in range(48)], [(7 + i) % 12 for i in range(48)]]
+
+
 @pytest.mark.parametrize("length,prompt,message", [
-    (17, 1, "length must be at most 16"),
-    (10, 8, "use length 9 or less, or a prompt 1 tokens shorter"),
-    (5, 20, "use a prompt 8 tokens shorter"),
+    (5, 20, "the prompt is 20 tokens and the window 16: use a prompt 4 tokens shorter, or use truncate left to "
+            "keep its last 16$"),
     (0, 1, "length must be a whole number >= 1"),
 ])
 def test_window_errors_say_how_much_room_there_is(stub_sampler, length, prompt, message):

@@ -54,7 +54,8 @@ def test_the_bottom_layers_import_nothing_above_them():
     assert imports("errors") == set() and imports("runtime") == set()
     assert imports("hparams") <= {"errors"}
     assert imports("encoder") <= {"errors", "hparams"}
-    assert imports("checkpoint") <= {"errors", "hparams", "encoder", "runtime"}
+    assert imports("hf_format") <= {"errors", "hparams", "encoder"}
+    assert imports("checkpoint") <= {"errors", "hparams", "encoder", "runtime", "hf_format"}
     assert imports("model") <= {"errors", "hparams", "encoder", "runtime", "checkpoint"}
 
 
