@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 import sample
+from errors import UserError
 from runtime import tf
 
 # OpenAI's completions API reports at most this many alternatives per token.
@@ -131,6 +132,10 @@ class Batcher:
 
     def submit(self, rows):
         """Queues rows; they join the batch in order, between steps, as room allows."""
+        for row in rows:
+            if len(row.prompt) + row.max_new_tokens - 1 > self.n_ctx:
+                raise UserError(f"a prompt of {len(row.prompt)} tokens and {row.max_new_tokens} new ones do not fit "
+                                f"the window of {self.n_ctx}: the batch does not slide it")
         with self._changed:
             if self._stopping:
                 raise RuntimeError("the batcher is stopping")

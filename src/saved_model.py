@@ -120,7 +120,7 @@ class GenerateModule(tf.Module):
         done = tf.zeros([tf.shape(left)[0]], tf.bool)
         tokens, logits, state, done, tally, (own, _, _) = s.chunk_function(None)(
             logits, state, done, time, pad, max_new_tokens - 1, tf.constant(0), knobs, controls, tally)
-        last, _, (last_own, _, _) = s.sample_last(logits, done, knobs, controls, tally, max_new_tokens - 1)
+        last, _, _, (last_own, _, _) = s.sample_last(logits, done, knobs, controls, tally, max_new_tokens - 1)
         # [steps, batch] -> [batch, steps] as float32 (exact for token ids): oneDNN takes an int32
         # Transpose only to log an error line and fall back.
         by_row = tf.cast(tf.transpose(tf.cast(tokens, tf.float32)), tf.int32)

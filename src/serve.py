@@ -55,6 +55,19 @@ def _number(body, name, default):
     return float(value)
 
 
+def check_window(n_ctx, prompt_length, max_tokens):
+    """ApiError unless a prompt and its new tokens fit the window, which a batch does not slide;
+    the last new token is never fed back, so they take prompt_length + max_tokens - 1 positions."""
+    if prompt_length > n_ctx:
+        raise ApiError(f"the prompt is {prompt_length} tokens and the window {n_ctx}: use a prompt "
+                       f"{prompt_length - n_ctx} tokens shorter", "prompt", "context_length_exceeded")
+    room = n_ctx - prompt_length + 1
+    if max_tokens > room:
+        raise ApiError(f"the prompt is {prompt_length} tokens and the window {n_ctx}, so {max_tokens} new tokens "
+                       f"do not fit: use max_tokens {room} or less, or a shorter prompt", "max_tokens",
+                       "context_length_exceeded")
+
+
 class CompletionRequest:
     """A checked /v1/completions body: prompts as token lists and the sampling settings."""
 
@@ -76,11 +89,7 @@ class CompletionRequest:
         self.prompts = self._prompts(body.get("prompt", [encoder.eot_token]), encoder, n_vocab)
         self.max_tokens = _whole(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, n_ctx)
         for tokens in self.prompts:
-            try:
-                sample.check_room(n_ctx, len(tokens), self.max_tokens)
-            except UserError as e:
-                raise ApiError(str(e).replace("length", "max_tokens"),
-                               "prompt" if len(tokens) > n_ctx else "max_tokens", "context_length_exceeded") from None
+            check_window(n_ctx, len(tokens), self.max_tokens)
         self.n = _whole(body, "n", 1, 1, MAX_N)
         self.logprobs = _whole(body, "logprobs", None, 0, 5)
         self.knobs = dict(temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
