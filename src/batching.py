@@ -4,24 +4,18 @@ running batch between steps.
 A `Batcher` runs in one thread over an engine (`decode.Decoder`): rows waiting are prefilled and
 join between steps, finished or cancelled rows leave, and every row in the batch makes one token
 a step. Rows share one position, each with its own left padding, as the engine's interface
-has them; when rows join or leave, the engine's `rearrange` and `concat` move the cache so
-that the padding is as small as it can be and the cache holds just the positions the rows will
-still write. Each row draws with its own knobs and seed, seeded by its own token count, so it
+has them; when rows join (or half the batch has ended), the engine's `rearrange` and `concat`
+move the cache so that the padding is as small as it can be and the cache holds just the
+positions the rows will still write; an ended row answers at once and idles till then. Each row draws with its own knobs and seed, seeded by its own token count, so it
 gets the tokens it would get alone (and the ones `api.generate` gives for its seed).
 """
 import collections
 import threading
 from typing import NamedTuple
 
-import numpy as np
-
 import sample
 from errors import UserError
 from runtime import tf
-
-# OpenAI's completions API reports at most this many alternatives per token.
-MAX_LOGPROBS = 5
-
 
 class Draw(NamedTuple):
     """A step's tokens [B] and, when asked for, their log-probabilities [B] and the likeliest

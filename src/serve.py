@@ -9,7 +9,6 @@ import asyncio
 import json
 import math
 import signal
-import sys
 import time
 import uuid
 
