@@ -26,16 +26,15 @@ ENGINES = ("tf", "litert", "auto")
 
 
 def choose_engine(engine, dtype):
-    """The engine that runs `dtype`: 'tf' or 'litert'; 'auto' is LiteRT on a CPU when it is
-    installed (it decodes faster there), TensorFlow on a GPU or for bfloat16."""
+    """The engine that runs `dtype`: 'tf' or 'litert'; 'auto' picks the faster one measured:
+    TensorFlow for float32 and bfloat16 (this LiteRT program is slower on a CPU so far, see
+    README.md), LiteRT for int8, which only it runs."""
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if dtype not in ("float32", "fp32", "bfloat16", "bf16", "int8"):
         raise UserError(f"dtype must be float32, bfloat16 or int8, got {dtype!r}")
     if engine == "auto":
-        on_gpu = bool(tf.config.list_physical_devices("GPU"))
-        engine = "litert" if (dtype == "int8" or not on_gpu) and dtype not in ("bfloat16", "bf16") \
-            and litert_engine.installed() else "tf"
+        engine = "litert" if dtype == "int8" else "tf"
     if engine == "tf" and dtype == "int8":
         raise UserError("int8 weights run on the LiteRT engine only: use engine litert (or auto), or dtype float32")
     if engine == "litert" and dtype in ("bfloat16", "bf16"):

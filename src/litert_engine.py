@@ -264,3 +264,25 @@ class Engine:
 
     def traces(self):
         return {}
+
+
+def export_tflite(model_dir, out_dir, dtype="float32"):
+    """Writes `model_dir`'s converted program as `out_dir/gpt2-<dtype>.tflite`, with hparams.json,
+    encoder.json and vocab.bpe beside it, for LiteRT users; returns the program's path."""
+    import shutil
+
+    import encoder
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)} for tflite, got {dtype!r}")
+    models_dir, name = os.path.split(os.path.normpath(model_dir))
+    program = convert(model.load_model(name, models_dir or "."), int8=dtype == "int8")
+    target = os.path.join(out_dir, f"gpt2-{dtype}.tflite")
+    write_program(program, target)
+    for source in [os.path.join(model_dir, "hparams.json")] + [
+            os.path.join(model_dir if os.path.exists(os.path.join(model_dir, f)) else encoder.default_vocab_dir(), f)
+            for f in ("encoder.json", "vocab.bpe")]:
+        partial = os.path.join(out_dir, os.path.basename(source) + ".partial")
+        shutil.copyfile(source, partial)
+        os.replace(partial, os.path.join(out_dir, os.path.basename(source)))
+    return target
