@@ -172,8 +172,9 @@ def test_engine_choice_and_its_errors():
     assert api.choose_engine("auto", "int8") == "litert"
     assert api.choose_engine("auto", "bfloat16") == "tf"
     assert api.choose_engine("tf", "float32") == "tf"
-    for engine, dtype, message in [("tf", "int8", "int8 weights run on the LiteRT engine only"), ("litert", "bfloat16", "float32 or int8"),
-                                   ("onnx", "float32", "engine must be"), ("litert", "float8", "dtype must be")]:
+    for engine, dtype, message in [("tf", "int8", "int8 weights run on the LiteRT engine only"),
+                                   ("litert", "bfloat16", "float32 or int8"), ("onnx", "float32", "engine must be"),
+                                   ("litert", "float8", "dtype must be")]:
         with pytest.raises(UserError, match=message):
             api.choose_engine(engine, dtype)
 
