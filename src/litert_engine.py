@@ -245,7 +245,8 @@ class Engine:
     def step(self, token, pos, pad, state):
         """One token per row, token [B] at position `pos`: next-token logits [B, V] and the state."""
         if state is not self._current:
-            raise RuntimeError("only the newest stream of a LiteRT engine can be stepped")
+            raise UserError("the LiteRT engine runs one stream at a time, and a newer one started: finish a "
+                            "stream before starting the next, or use engine tf")
         pos = int(pos)
         logits, keys, values = self._run(np.asarray(token, np.int32)[:, None], pos, None)
         for i in self._layers:

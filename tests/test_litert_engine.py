@@ -66,7 +66,9 @@ def test_a_prompt_filling_the_window_and_a_new_prefill_after_steps(engines):
     want, _ = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(n_ctx))
     got, new_state = lite.prefill(tokens, pad, n_ctx)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
-    with pytest.raises(RuntimeError, match="newest"):
+    from errors import UserError
+
+    with pytest.raises(UserError, match="one stream at a time"):
         lite.step(np.array([5], np.int32), 4, pad[:1], state)
 
 
