@@ -25,16 +25,19 @@ from runtime import tf
 ENGINES = ("tf", "litert", "auto")
 
 
-def choose_engine(engine, dtype):
-    """The engine that runs `dtype`: 'tf' or 'litert'; 'auto' picks the faster one measured:
-    TensorFlow for float32 and bfloat16 (this LiteRT program is slower on a CPU so far, see
-    README.md), LiteRT for int8, which only it runs."""
+def choose_engine(engine, dtype, hparams=None):
+    """The engine that runs `dtype`: 'tf' or 'litert'. 'auto' picks the faster one measured on
+    the device: LiteRT on a CPU when it is installed and the model's program fits one flatbuffer
+    (README.md has the figures), TensorFlow on a GPU and for bfloat16; int8 runs on LiteRT only."""
     if engine not in ENGINES:
         raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if dtype not in ("float32", "fp32", "bfloat16", "bf16", "int8"):
         raise UserError(f"dtype must be float32, bfloat16 or int8, got {dtype!r}")
     if engine == "auto":
-        engine = "litert" if dtype == "int8" else "tf"
+        fits = hparams is None or litert_engine.fits(hparams, dtype)
+        on_cpu = not tf.config.list_physical_devices("GPU")
+        lite = dtype == "int8" or (dtype in ("float32", "fp32") and on_cpu and fits and litert_engine.installed())
+        engine = "litert" if lite else "tf"
     if engine == "tf" and dtype == "int8":
         raise UserError("int8 weights run on the LiteRT engine only: use engine litert (or auto), or dtype float32")
     if engine == "litert" and dtype in ("bfloat16", "bf16"):
@@ -54,13 +57,15 @@ def load(model_name="124M", models_dir="models", dtype="float32", engine="tf", p
         dtype: 'float32' (exact), 'bfloat16' (TensorFlow engine) or 'int8' (weights quantized,
             LiteRT engine).
         engine: 'tf', 'litert' (generation on LiteRT, converted once and cached in the model's
-            directory) or 'auto' (LiteRT on a CPU when installed, else TensorFlow).
+            directory) or 'auto' (LiteRT on a CPU when installed and the model fits, else TensorFlow).
         progress: Show a progress bar while converting for LiteRT.
 
     Returns:
         A `Model`.
     """
     runtime.configure_devices()
+    if engine == "auto":
+        engine = choose_engine(engine, dtype, checkpoint.load_hparams(hparams_lib.model_dir(model_name, models_dir)))
     if choose_engine(engine, dtype) == "tf":
         lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
         return Model(lm, encoder_lib.Encoder.from_dir(lm.path))

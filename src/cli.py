@@ -25,8 +25,8 @@ SHARED_ARGS = {
     "stop": "A string, or a list like '[\"\\n\\n\", \"THE END\"]', that ends a sample when generated.",
     "dtype": "float32 (default, exact), bfloat16 (weights and matrix products in bf16: for GPUs and "
              "CPUs with AVX-512 BF16) or int8 (weights quantized, LiteRT engine only).",
-    "engine": "auto (default: the faster measured, TensorFlow for float32 and bfloat16, LiteRT for int8), tf or "
-              "litert (converted once into the model's litert/ folder).",
+    "engine": "auto (default: LiteRT on a CPU when installed and the model fits, TensorFlow on a GPU and for "
+              "bfloat16), tf or litert (converted once into the model's litert/ folder).",
     "repetition_penalty": "Tokens already in the prompt or the output: a positive logit is divided by it, a "
                           "negative one multiplied (CTRL's penalty, as Hugging Face's); 1 turns it off.",
     "presence_penalty": "Subtracted from the logit of every token generated so far (the OpenAI API's, -2 to 2); "

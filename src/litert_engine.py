@@ -77,6 +77,17 @@ DTYPES = ("float32", "int8")
 CACHE_DIR = "litert"
 
 
+# A flatbuffer's offsets are 32-bit signed: a program holds at most 2 GiB.
+FLATBUFFER_LIMIT = 2 ** 31
+
+
+def fits(hparams, dtype):
+    """Whether a model's converted program fits one flatbuffer (float32: up to 355M; int8: 774M)."""
+    d = hparams.n_embd
+    weights = (hparams.n_vocab + hparams.n_ctx) * d + hparams.n_layer * 12 * d * d
+    return weights * (1 if dtype == "int8" else 4) < 0.95 * FLATBUFFER_LIMIT
+
+
 def installed():
     """Whether the LiteRT interpreter (package ai-edge-litert) can be imported."""
     try:

@@ -170,7 +170,11 @@ def test_engine_choice_and_its_errors():
     import api
     from errors import UserError
 
-    assert api.choose_engine("auto", "float32") == "tf"  # the faster measured on a CPU so far
+    import hparams
+
+    assert api.choose_engine("auto", "float32") == "litert"  # a CPU-only machine with LiteRT installed
+    assert api.choose_engine("auto", "float32", hparams.SIZES["355M"]) == "litert"
+    assert api.choose_engine("auto", "float32", hparams.SIZES["774M"]) == "tf"  # past a flatbuffer's 2 GB
     assert api.choose_engine("auto", "int8") == "litert"
     assert api.choose_engine("auto", "bfloat16") == "tf"
     assert api.choose_engine("tf", "float32") == "tf"
