@@ -12,6 +12,8 @@ import numpy as np
 import checkpoint
 import decode
 import encoder as encoder_lib
+import hparams as hparams_lib
+import litert_engine
 import model as model_lib
 import sample as sample_lib
 import score as score_lib
@@ -20,35 +22,91 @@ from errors import UserError
 from runtime import tf
 
 
-def load(model_name="124M", models_dir="models", dtype="float32"):
+ENGINES = ("tf", "litert", "auto")
+
+
+def choose_engine(engine, dtype, hparams=None):
+    """The engine that runs `dtype`: 'tf' or 'litert'. 'auto' picks the faster one measured on
+    the device: LiteRT on a CPU when it is installed and the model's program fits one flatbuffer
+    (README.md has the figures), TensorFlow on a GPU and for bfloat16; int8 runs on LiteRT only."""
+    if engine not in ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in ("float32", "fp32", "bfloat16", "bf16", "int8"):
+        raise UserError(f"dtype must be float32, bfloat16 or int8, got {dtype!r}")
+    if engine == "auto":
+        fits = hparams is None or litert_engine.fits(hparams, dtype)
+        on_cpu = not tf.config.list_physical_devices("GPU")
+        lite = dtype == "int8" or (dtype in ("float32", "fp32") and on_cpu and fits and litert_engine.installed())
+        engine = "litert" if lite else "tf"
+    if engine == "tf" and dtype == "int8":
+        raise UserError("int8 weights run on the LiteRT engine only: use engine litert (or auto), or dtype float32")
+    if engine == "litert" and dtype in ("bfloat16", "bf16"):
+        raise UserError("the LiteRT engine runs float32 or int8: use dtype float32 or int8, or engine tf")
+    if engine == "litert" and not litert_engine.installed():
+        raise UserError("engine litert needs the package ai-edge-litert: pip install -r requirements.txt, "
+                        "or use engine tf")
+    return engine
+
+
+def load(model_name="124M", models_dir="models", dtype="float32", engine="tf", progress=True):
     """Loads a model directory, in the released format or Hugging Face's, with its encoder.
 
     Args:
         model_name: Directory name under `models_dir` (117M and 345M mean 124M and 355M).
         models_dir: Directory holding model directories.
-        dtype: 'float32' (exact) or 'bfloat16'.
+        dtype: 'float32' (exact), 'bfloat16' (TensorFlow engine) or 'int8' (weights quantized,
+            LiteRT engine).
+        engine: 'tf', 'litert' (generation on LiteRT, converted once and cached in the model's
+            directory) or 'auto' (LiteRT on a CPU when installed and the model fits, else TensorFlow).
+        progress: Show a progress bar while converting for LiteRT.
 
     Returns:
         A `Model`.
     """
     runtime.configure_devices()
-    lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
-    return Model(lm, encoder_lib.Encoder.from_dir(lm.path))
+    if engine == "auto":
+        engine = choose_engine(engine, dtype, checkpoint.load_hparams(hparams_lib.model_dir(model_name, models_dir)))
+    if choose_engine(engine, dtype) == "tf":
+        lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
+        return Model(lm, encoder_lib.Encoder.from_dir(lm.path))
+    path = hparams_lib.model_dir(model_name, models_dir)
+    hparams = checkpoint.load_hparams(path)
+    dtype = "float32" if dtype == "fp32" else dtype
+
+    def load_lm():
+        return model_lib.load_model(model_name, models_dir)
+
+    program = litert_engine.cached_program(path, dtype, load_lm, progress=progress)
+    return Model(None, encoder_lib.Encoder.from_dir(path), engine=litert_engine.Engine(program, hparams),
+                 load_lm=load_lm, path=path)
 
 
 class Model:
-    """A loaded GPT-2 and its encoder: generate and stream text."""
+    """A loaded GPT-2 and its encoder: generate and stream text.
 
-    def __init__(self, lm, encoder):
-        self.lm = lm
+    With a LiteRT `engine`, generation runs on it, and the TensorFlow model (`lm`, which scoring,
+    features and fine-tuning use) is loaded by `load_lm()` when first needed.
+    """
+
+    def __init__(self, lm, encoder, engine=None, load_lm=None, path=None):
+        self._lm = lm
+        self._load_lm = load_lm
         self.encoder = encoder
-        self.hparams = lm.hparams
+        self.engine = engine
+        self.hparams = engine.hparams if engine else lm.hparams
+        self.path = path or getattr(lm, "path", None)
         self._sampler = None
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            self._lm = self._load_lm()
+        return self._lm
 
     @property
     def sampler(self):
         if self._sampler is None:
-            self._sampler = sample_lib.Sampler(decode.Decoder(self.lm), self.eot_token)
+            self._sampler = sample_lib.Sampler(self.engine or decode.Decoder(self.lm), self.eot_token)
         return self._sampler
 
     @property
@@ -281,7 +339,7 @@ class Model:
 
     def _vocab_dir(self):
         """Where this model's encoder.json and vocab.bpe are (every GPT-2 size shares one vocabulary)."""
-        return getattr(self.lm, "path", None) or encoder_lib.default_vocab_dir()
+        return self.path or encoder_lib.default_vocab_dir()
 
     def generate(self, prompts, length=None, logprobs=None, truncate="error", **options):
         """Like `stream`, but returns the finished texts: a list, one per prompt (a string for a

@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 import cli
 import runtime
 
@@ -45,7 +47,7 @@ def prefill_rate(sampler, prompt_length, repeats=2):
     for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
         start = time.perf_counter()
         logits, _ = sampler.prefill(tokens, pad, tf.constant(prompt_length + 1))
-        logits.numpy()
+        np.asarray(logits)
         best = min(best, time.perf_counter() - start)
     return prompt_length / best
 
@@ -128,14 +130,19 @@ def _hf_installed():
     return True
 
 
-def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf):
+def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf, engine="tf"):
     import api
 
     results = {}
     start = time.perf_counter()
-    gpt = api.load(model_name, models_dir, dtype=dtype)
+    gpt = api.load(model_name, models_dir, dtype=dtype, engine=engine)
     results["load_seconds"] = time.perf_counter() - start
-    lm, sampler = gpt.lm, gpt.sampler
+    if gpt.engine is not None:  # the first load may convert; the second reads the cache
+        results["litert_first_load_seconds"] = results["load_seconds"]
+        start = time.perf_counter()
+        gpt = api.load(model_name, models_dir, dtype=dtype, engine=engine)
+        results["load_seconds"] = time.perf_counter() - start
+    sampler = gpt.sampler
     start = time.perf_counter()
     _timed_generate(sampler, [[1, 2, 3]], 8)
     results["first_call_seconds"] = time.perf_counter() - start
@@ -143,8 +150,8 @@ def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length,
         rate, first = decode_rate(sampler, batch, prompt_length, length)
         results[f"decode_tok_s_batch{batch}"] = rate
         results[f"first_token_ms_batch{batch}"] = first * 1000
-    results["prefill_tok_s_512"] = prefill_rate(sampler, min(512, lm.hparams.n_ctx - 1))
-    far = min(900, lm.hparams.n_ctx - 32)
+    results["prefill_tok_s_512"] = prefill_rate(sampler, min(512, gpt.hparams.n_ctx - 1))
+    far = min(900, gpt.hparams.n_ctx - 32)
     near = min(100, far // 2)
     for position in (near, far):
         results[f"decode_tok_s_at_position_{position}"] = decode_rate(sampler, 1, position, 32)[0]
@@ -155,14 +162,42 @@ def generation_figures(model_name, models_dir, dtype, batch_size, prompt_length,
         whole = max(whole, decode_rate(sampler, 1, prompt_length, length, repeats=1, max_chunk=length)[0])
     results["streaming_cost_percent"] = 100 * (1 - streamed / whole)
     results["retraces"] = sum(max(count - 1, 0) for count in sampler.traces().values())
+    if dtype == "int8":
+        exact = api.load(model_name, models_dir, dtype="float32", engine="litert", progress=False)
+        results.update(int8_fidelity(exact.engine, gpt.engine))
     if not hf:
         return results
     if not _hf_installed():
         results["hf"] = "not installed"
         return results
-    for batch, rate in hf_rates(lm, (1, batch_size), prompt_length, length).items():
+    for batch, rate in hf_rates(gpt.lm, (1, batch_size), prompt_length, length).items():
         results[f"hf_decode_tok_s_batch{batch}"] = rate
     return results
+
+
+def int8_fidelity(exact, quantized, steps=32):
+    """How far int8 weights move the logits from float32's, over a prompt's pass and `steps`
+    decode steps fed float32's greedy tokens: the largest and mean absolute logit error, how
+    often the two argmaxes agree, and the mean KL divergence KL(float32 || int8) in nats."""
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    prompt = np.array([[(17 * i + 3) % 50000 for i in range(8)]], np.int32)
+    pad = np.zeros([1], np.int32)
+    a, a_state = exact.prefill(prompt, pad, prompt.shape[1] + steps)
+    b, b_state = quantized.prefill(prompt, pad, prompt.shape[1] + steps)
+    pairs = [(a, b)]
+    for pos in range(prompt.shape[1], prompt.shape[1] + steps):
+        token = a.argmax(-1).astype(np.int32)
+        a, a_state = exact.step(token, pos, pad, a_state)
+        b, b_state = quantized.step(token, pos, pad, b_state)
+        pairs.append((a, b))
+    x, y = (np.concatenate(side) for side in zip(*pairs))
+    p, q = log_softmax(x.astype(np.float64)), log_softmax(y.astype(np.float64))
+    return {"int8_max_logit_error": float(np.abs(x - y).max()), "int8_mean_logit_error": float(np.abs(x - y).mean()),
+            "int8_argmax_agreement": float((x.argmax(-1) == y.argmax(-1)).mean()),
+            "int8_mean_kl_nats": float((np.exp(p) * (p - q)).sum(-1).mean())}
 
 
 # Runs a script and, as it exits, writes its VmHWM (peak RSS) to a file. The child's own rusage
@@ -191,7 +226,7 @@ runpy.run_path(script, run_name="__main__")
 START_UP_RUNS = 3
 
 
-def script_figures(model_name, models_dir, dtype, n_ctx):
+def script_figures(model_name, models_dir, dtype, n_ctx, engine="tf"):
     """Wall seconds and peak RSS (Linux) of generate_unconditional_samples.py runs, each a fresh
     process as a user starts it: `--length 8` (start-up; the fastest and the median of
     START_UP_RUNS runs) and `--length 264` (memory while generating)."""
@@ -204,7 +239,7 @@ def script_figures(model_name, models_dir, dtype, n_ctx):
             start = time.perf_counter()
             child = subprocess.run([sys.executable, "-c", _PEAK_REPORTER, report, script, "--model_name", model_name,
                                     "--models_dir", models_dir, "--nsamples", "1", "--length", str(length),
-                                    "--dtype", dtype, "--seed", "1"],
+                                    "--dtype", dtype, "--engine", engine, "--seed", "1"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             seconds = time.perf_counter() - start
             if child.returncode != 0:
@@ -354,7 +389,7 @@ def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed
 def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8, prompt_length=32,
               length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
               script=True, train=True, train_batch=1, train_length=256, train_steps=4, train_precision="float32",
-              serve=False):
+              serve=False, engine="tf"):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -365,7 +400,8 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         batch_size: The larger batch to measure besides batch 1.
         prompt_length: Prompt tokens for the decode measurements.
         length: New tokens per decode measurement (top_k 40).
-        dtype: float32 or bfloat16.
+        dtype: float32, bfloat16 or int8 (LiteRT engine).
+        engine: tf, litert or auto, the generation engine measured (as the scripts' --engine).
         hf: Add a Hugging Face transformers row when transformers and torch are installed.
         json: Print one JSON object instead of a table.
         keep_grappler: Keep TensorFlow's Grappler graph rewrites on for generation (the
@@ -401,13 +437,14 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
     try:
         results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
                    "tensorflow": tf.__version__, "model": model_name, "dtype": dtype,
-                   "prompt_length": prompt_length, "new_tokens": length}
+                   "prompt_length": prompt_length, "new_tokens": length, "engine": engine}
         if generate:
-            results.update(generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf))
+            results.update(generation_figures(model_name, models_dir, dtype, batch_size, prompt_length, length, hf,
+                                              engine))
             results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if generate and script:
             n_ctx = checkpoint.load_hparams(hparams_lib.model_dir(model_name, models_dir)).n_ctx
-            results.update(script_figures(model_name, models_dir, dtype, n_ctx))
+            results.update(script_figures(model_name, models_dir, dtype, n_ctx, engine))
         if train:
             tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
             results["train_batch"], results["train_length"] = train_batch, train_length

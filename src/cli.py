@@ -24,8 +24,10 @@ SHARED_ARGS = {
     "models_dir": "Directory holding the model directories (~ and $VARS are expanded).",
     "stop_at_eot": "End a sample at <|endoftext|>.",
     "stop": "A string, or a list like '[\"\\n\\n\", \"THE END\"]', that ends a sample when generated.",
-    "dtype": "float32 (default, exact) or bfloat16 (weights and matrix products in bf16: for GPUs and "
-             "CPUs with AVX-512 BF16).",
+    "dtype": "float32 (default, exact), bfloat16 (weights and matrix products in bf16: for GPUs and "
+             "CPUs with AVX-512 BF16) or int8 (weights quantized, LiteRT engine only).",
+    "engine": "auto (default: LiteRT on a CPU when installed and the model fits, TensorFlow on a GPU and for "
+              "bfloat16), tf or litert (converted once into the model's litert/ folder).",
     "repetition_penalty": "Tokens already in the prompt or the output: a positive logit is divided by it, a "
                           "negative one multiplied (CTRL's penalty, as Hugging Face's); 1 turns it off.",
     "presence_penalty": "Subtracted from the logit of every token generated so far (the OpenAI API's, -2 to 2); "

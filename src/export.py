@@ -36,16 +36,28 @@ def export_saved_model(model_name, models_dir, out, dtype):
     return final
 
 
+def export_tflite(model_name, models_dir, out, dtype):
+    """Writes the LiteRT program (float32, or int8 weights) with its hparams and vocabulary into
+    `out`; README.md says what it takes and returns. Returns the program's path."""
+    import hparams
+    import litert_engine
+
+    return litert_engine.export_tflite(hparams.model_dir(model_name, models_dir), out, dtype)
+
+
 # --format -> the function writing it; each takes (model_name, models_dir, out, dtype) and returns the path.
 FORMATS = {
     "saved_model": export_saved_model,
+    "tflite": export_tflite,
 }
 
 
 @cli.documented(
     "Exports a model to --out in the form --format names, and prints where it went.\n\n"
     "saved_model: out/<version>/ for TF Serving, version one past the highest there; its serving_default "
-    "signature generates (the whole sampling loop inside the graph).",
+    "signature generates (the whole sampling loop inside the graph).\n"
+    "tflite: out/gpt2-<dtype>.tflite, the LiteRT program (float32, or int8 weights with --dtype int8), with "
+    "hparams.json, encoder.json and vocab.bpe.",
     format="What to write: " + ", ".join(FORMATS) + ".",
     out="Directory to write into (created if missing).")
 def export(format: str = "saved_model", model_name: str = "124M", models_dir: str = "models", out: str = None,

@@ -44,7 +44,7 @@ def read_text(prompt=None, prompt_file=None):
 def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = False, model_name: str = "124M",
                  seed: int = None, nsamples: int = 1, batch_size: int = 1, length: int = None, temperature=1,
                  top_k: int = 0, top_p=1, models_dir: str = "models", stop_at_eot: bool = False,
-                 stop: cli.str_or_list = None, dtype: str = "float32",
+                 stop: cli.str_or_list = None, dtype: str = "float32", engine: str = "auto",
                  repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
                  bad_words: cli.str_or_list = None, min_length: int = 0, json: bool = False, logprobs: int = None,
                  truncate: str = "error"):
@@ -64,7 +64,7 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
     sample.check_truncate(truncate)
     controls = cli.sampling_controls(temperature, top_k, top_p, repetition_penalty, presence_penalty,
                                      frequency_penalty, logit_bias, bad_words, min_length, json=json, logprobs=logprobs)
-    gpt = api.load(model_name, models_dir, dtype=dtype)
+    gpt = api.load(model_name, models_dir, dtype=dtype, engine=engine)
     if length is None:
         length = gpt.hparams.n_ctx // 2
     contexts = []

@@ -12,7 +12,7 @@ import runtime
     length="Tokens per sample (default: the model's window, 1024).")
 def sample_model(model_name: str = "124M", seed: int = None, nsamples: int = 0, batch_size: int = 1,
                  length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
-                 stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32",
+                 stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32", engine: str = "auto",
                  repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
                  bad_words: cli.str_or_list = None, min_length: int = 0, json: bool = False, logprobs: int = None):
     # Imported here so --help answers without starting TensorFlow.
@@ -25,7 +25,7 @@ def sample_model(model_name: str = "124M", seed: int = None, nsamples: int = 0, 
     cli.check_counts(nsamples, batch_size, allow_forever=True)
     controls = cli.sampling_controls(temperature, top_k, top_p, repetition_penalty, presence_penalty,
                                      frequency_penalty, logit_bias, bad_words, min_length, json=json, logprobs=logprobs)
-    gpt = api.load(model_name, models_dir, dtype=dtype)
+    gpt = api.load(model_name, models_dir, dtype=dtype, engine=engine)
     if length is None:
         length = gpt.hparams.n_ctx
 

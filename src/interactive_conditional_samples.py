@@ -35,7 +35,7 @@ def read_prompt():
     length="New tokens per sample (default: half the model's window, 512).")
 def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1, batch_size: int = 1,
                    length: int = None, temperature=1, top_k: int = 0, top_p=1, models_dir: str = "models",
-                   stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32",
+                   stop_at_eot: bool = False, stop: cli.str_or_list = None, dtype: str = "float32", engine: str = "auto",
                    repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
                    bad_words: cli.str_or_list = None, min_length: int = 0, truncate: str = "error"):
     # Imported here so --help answers without starting TensorFlow.
@@ -54,7 +54,7 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
     if length is not None:
         cli.check_whole("length", length, 1)
     sample.check_truncate(truncate)
-    gpt = api.load(model_name, models_dir, dtype=dtype)
+    gpt = api.load(model_name, models_dir, dtype=dtype, engine=engine)
     if length is None:
         length = gpt.hparams.n_ctx // 2
     base_seed = sample.new_seed(seed)

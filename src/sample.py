@@ -235,11 +235,19 @@ class Sampler:
         self.eot_token = eot_token
         # autograph=False: the loop is written with tf.while_loop already, and converting the
         # code would double the seconds spent tracing before the first token.
-        self.prefill = tf.function(engine.prefill, autograph=False, input_signature=[
-            tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
-        # Batch 1 gets its own trace, where static shapes let the engine take its one-row path.
-        self._chunks = {batch: tf.function(self._chunk, autograph=False, input_signature=self._chunk_signature(batch))
-                        for batch in (None, 1)}
+        # An engine run from the host (LiteRT) gets a Python loop around the same compiled pick.
+        self.host_loop = getattr(engine, "host_loop", False)
+        if self.host_loop:
+            self.prefill = engine.prefill
+            self._pick_once = tf.function(self._pick, autograph=False, input_signature=[
+                tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool), Knobs.spec(),
+                processors.ControlTensors.spec(), processors.Tally.spec(), tf.TensorSpec([], tf.int32)])
+        else:
+            self.prefill = tf.function(engine.prefill, autograph=False, input_signature=[
+                tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
+            # Batch 1 gets its own trace, where static shapes let the engine take its one-row path.
+            self._chunks = {batch: tf.function(self._chunk, autograph=False,
+                                               input_signature=self._chunk_signature(batch)) for batch in (None, 1)}
         self.sample_last = tf.function(self._last, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool), Knobs.spec(),
             processors.ControlTensors.spec(), processors.Tally.spec(), tf.TensorSpec([], tf.int32)])
@@ -254,12 +262,17 @@ class Sampler:
         """The compiled loop for a stream of `batch` rows: (logits, state, done, pos, pad,
         n_steps, step, knobs, controls, tally) -> (tokens [n, batch], logits, state, done, tally,
         report), report being `token_logprobs`' three as [n, batch, ...] (empty when not asked for)."""
+        if self.host_loop:
+            return self._host_chunk
         return self._chunks[1 if batch == 1 else None]
 
     def traces(self):
         """How many times each compiled function was traced (a retrace costs seconds)."""
-        functions = {"prefill": self.prefill, "chunk": self._chunks[None], "chunk_one_row": self._chunks[1],
-                     "sample_last": self.sample_last}
+        if self.host_loop:
+            functions = {"pick": self._pick_once, "sample_last": self.sample_last}
+        else:
+            functions = {"prefill": self.prefill, "chunk": self._chunks[None], "chunk_one_row": self._chunks[1],
+                         "sample_last": self.sample_last}
         counts = {name: f.experimental_get_tracing_count() for name, f in functions.items()}
         engine_traces = getattr(self.engine, "traces", None)
         return dict(counts, **(engine_traces() if engine_traces else {}))
@@ -300,6 +313,29 @@ class Sampler:
         tokens, own, top, top_ids = (tf.reshape(a.stack(), shape) for a, shape in zip(
             out, ([j, rows], [j, rows], [j, rows, width], [j, rows, width])))
         return tokens, logits, state, done, tally, (own, top, top_ids)
+
+    def _host_chunk(self, logits, state, done, pos, pad, n_steps, step, knobs, controls, tally):
+        """`_chunk` for a host-run engine: the same compiled pick each token, the engine's step
+        called from Python, the same results as tensors."""
+        pos, step, n_steps = int(pos), int(step), int(n_steps)
+        done = tf.convert_to_tensor(done)
+        # The concrete function skips matching the call to a signature: half the cost of a call.
+        pick = self._pick_once.get_concrete_function()
+        tokens, reports = [], []
+        while len(tokens) < n_steps and not done.numpy().all():
+            j = len(tokens)
+            token, done, tally, report = pick(tf.constant(logits), done, knobs, controls, tally, tf.constant(step + j))
+            token = token.numpy()
+            logits, state = self.engine.step(token, pos + j, pad, state)
+            tokens.append(token)
+            reports.append(report)
+        rows = tf.shape(done)[0]
+        if not reports:
+            width = tf.where(knobs.logprobs >= 0, tf.minimum(tf.maximum(knobs.logprobs, 0), tf.shape(logits)[1]), 0)
+            empty = (tf.zeros([0, rows]), tf.zeros([0, rows, width]), tf.zeros([0, rows, width], tf.int32))
+            return tf.zeros([0, rows], tf.int32), logits, state, done, tally, empty
+        report = tuple(tf.stack(r) for r in zip(*reports))
+        return tf.constant(np.stack(tokens)), logits, state, done, tally, report
 
     def _last(self, logits, done, knobs, controls, tally, step):
         token, done, tally, report = self._pick(logits, done, knobs, controls, tally, step)

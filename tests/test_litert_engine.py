@@ -1,0 +1,229 @@
+"""The LiteRT engine against the TensorFlow engine, its conversion cache and the engine choice."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TINY_HPARAMS, run_script
+
+pytest.importorskip("ai_edge_litert")
+
+# A second shape: odd head count, three layers, a window the prompts fill.
+OTHER_HPARAMS = dict(n_vocab=50257, n_ctx=24, n_embd=48, n_head=3, n_layer=3)
+
+
+@pytest.fixture(scope="module", params=[TINY_HPARAMS, OTHER_HPARAMS], ids=["tiny", "other"])
+def engines(request, tmp_path_factory):
+    """(TensorFlow decoder, LiteRT float32 engine, LiteRT int8 engine) of one random model."""
+    import checkpoint
+    import decode
+    import litert_engine
+    import model
+    from hparams import HParams
+
+    models = tmp_path_factory.mktemp("models")
+    checkpoint.write_random_model(str(models / "m"), HParams(**request.param), seed=3, std=0.2)
+    lm = model.load_model("m", str(models))
+    return (decode.Decoder(lm), litert_engine.Engine(litert_engine.convert(lm), lm.hparams),
+            litert_engine.Engine(litert_engine.convert(lm, int8=True), lm.hparams))
+
+
+def padded_prompts(n_vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    longest = max(lengths)
+    tokens = rng.integers(0, n_vocab, (len(lengths), longest)).astype(np.int32)
+    return tokens, np.array([longest - n for n in lengths], np.int32)
+
+
+def test_prefill_and_steps_match_the_tensorflow_engine(engines):
+    from runtime import tf
+
+    tf_engine, lite, _ = engines
+    n_ctx = tf_engine.hparams.n_ctx
+    tokens, pad = padded_prompts(tf_engine.hparams.n_vocab, [7, 4, 1])
+    capacity = n_ctx
+    want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(capacity))
+    got, state = lite.prefill(tokens, pad, capacity)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    rng = np.random.default_rng(1)
+    for pos in range(tokens.shape[1], n_ctx):
+        token = rng.integers(0, tf_engine.hparams.n_vocab, [len(pad)]).astype(np.int32)
+        want, tf_state = tf_engine.step(tf.constant(token), tf.constant(pos), tf.constant(pad), tf_state)
+        got, state = lite.step(token, pos, pad, state)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_prompt_filling_the_window_and_a_new_prefill_after_steps(engines):
+    from runtime import tf
+
+    tf_engine, lite, _ = engines
+    n_ctx, n_vocab = tf_engine.hparams.n_ctx, tf_engine.hparams.n_vocab
+    tokens, pad = padded_prompts(n_vocab, [3])
+    _, state = lite.prefill(tokens, pad, 8)
+    lite.step(np.array([5], np.int32), 3, pad, state)
+    tokens, pad = padded_prompts(n_vocab, [n_ctx, n_ctx - 5], seed=2)
+    want, _ = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(n_ctx))
+    got, new_state = lite.prefill(tokens, pad, n_ctx)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    from errors import UserError
+
+    with pytest.raises(UserError, match="one stream at a time"):
+        lite.step(np.array([5], np.int32), 4, pad[:1], state)
+
+
+CONTROLS = [dict(), dict(repetition_penalty=1.5), dict(presence_penalty=1.0, frequency_penalty=0.7),
+            dict(logit_bias={11: 5.0, 12: -100.0}), dict(bad_words=[[11], [13, 14]]),
+            dict(min_length=6, stop_at_eot=True, logit_bias={50256: 30.0})]
+
+
+@pytest.mark.parametrize("controls", CONTROLS, ids=lambda c: "-".join(c) or "none")
+def test_greedy_tokens_equal_the_tensorflow_engines_with_every_control(engines, controls):
+    import sample
+
+    tf_engine, lite, _ = engines
+    prompts = [[1, 2, 3, 4], [7]]
+    length = tf_engine.hparams.n_ctx - 4
+    runs = [np.concatenate(list(sample.Sampler(e, 50256).generate(prompts, length, temperature=0, **controls)), 1)
+            for e in (tf_engine, lite)]
+    np.testing.assert_array_equal(runs[1], runs[0])
+    if controls.get("min_length"):
+        assert (runs[0][:, :6] != 50256).all() and (runs[0][:, 6] == 50256).all()
+
+
+def test_sampling_with_a_seed_and_logprobs_matches_the_tensorflow_engine(engines):
+    import sample
+
+    tf_engine, lite, _ = engines
+    outs = []
+    for e in (tf_engine, lite):
+        stream = sample.Sampler(e, 50256).generate([[1, 2, 3]], 12, top_k=5, seed=7, logprobs=2, max_chunk=4)
+        chunks = [(c, stream.logprobs) for c in stream]
+        outs.append((np.concatenate([c for c, _ in chunks], 1), np.concatenate([lp[0] for _, lp in chunks], 1)))
+    np.testing.assert_array_equal(outs[1][0], outs[0][0])
+    np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-4)
+
+
+def test_int8_weights_stay_close_to_float32(engines):
+    _, lite, int8 = engines
+    tokens, pad = padded_prompts(lite.hparams.n_vocab, [6, 6])
+    exact, _ = lite.prefill(tokens, pad, 10)
+    quantized, _ = int8.prefill(tokens, pad, 10)
+    assert not np.array_equal(quantized, exact)  # the weights really are quantized
+    assert np.abs(quantized - exact).max() < 0.1 * np.abs(exact).max()
+
+
+@pytest.fixture()
+def models_dir(tmp_path):
+    import checkpoint
+    from hparams import HParams
+
+    checkpoint.write_random_model(str(tmp_path / "tiny"), HParams(**TINY_HPARAMS), seed=1, std=0.2)
+    return str(tmp_path)
+
+
+def test_conversion_is_cached_and_redone_when_the_weights_change(models_dir, monkeypatch):
+    import api
+    import checkpoint
+    import litert_engine
+
+    first = api.load("tiny", models_dir, engine="litert", progress=False)
+    folder = os.path.join(models_dir, "tiny", "litert")
+    cached = glob.glob(os.path.join(folder, "*"))
+    assert len(cached) == 1 and os.path.basename(cached[0]).startswith("float32-")
+
+    def no_conversion(lm, int8=False):
+        raise AssertionError("converted again although the cache is current")
+
+    with monkeypatch.context() as m:
+        m.setattr(litert_engine, "convert", no_conversion)
+        again = api.load("tiny", models_dir, engine="litert", progress=False)
+    assert again.generate("Hi", 8, temperature=0) == first.generate("Hi", 8, temperature=0)
+
+    # New weights in place: the old conversion is stale, replaced, and the text follows the new weights.
+    from hparams import HParams
+    data = glob.glob(os.path.join(models_dir, "tiny", "model.ckpt.data*"))[0]
+    checkpoint.write_random_model(os.path.join(models_dir, "tiny"), HParams(**TINY_HPARAMS), seed=2, std=0.2)
+    os.utime(data, ns=(1, 1))  # a different time written, even on a coarse clock
+    fresh = api.load("tiny", models_dir, engine="litert", progress=False)
+    now = glob.glob(os.path.join(folder, "*"))
+    assert len(now) == 1 and now != cached
+    reference = api.load("tiny", models_dir, engine="tf")
+    assert fresh.generate("Hi", 8, temperature=0) == reference.generate("Hi", 8, temperature=0)
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    import litert_engine
+
+    target = str(tmp_path / "litert" / "float32-x.tflite")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        litert_engine.write_program(b"abc", target)
+    assert os.listdir(tmp_path / "litert") == []
+
+
+def test_engine_choice_and_its_errors():
+    import api
+    from errors import UserError
+
+    import hparams
+
+    assert api.choose_engine("auto", "float32") == "litert"  # a CPU-only machine with LiteRT installed
+    assert api.choose_engine("auto", "float32", hparams.SIZES["355M"]) == "litert"
+    assert api.choose_engine("auto", "float32", hparams.SIZES["774M"]) == "tf"  # past a flatbuffer's 2 GB
+    assert api.choose_engine("auto", "int8") == "litert"
+    assert api.choose_engine("auto", "bfloat16") == "tf"
+    assert api.choose_engine("tf", "float32") == "tf"
+    for engine, dtype, message in [("tf", "int8", "int8 weights run on the LiteRT engine only"),
+                                   ("litert", "bfloat16", "float32 or int8"), ("onnx", "float32", "engine must be"),
+                                   ("litert", "float8", "dtype must be")]:
+        with pytest.raises(UserError, match=message):
+            api.choose_engine(engine, dtype)
+
+
+def test_the_scripts_take_the_engine_flags(tiny_models_dir):
+    bad = run_script("generate_unconditional_samples.py", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+                     "--engine", "tf", "--dtype", "int8", "--nsamples", "1", "--length", "2")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "use --engine litert" in bad.stderr
+    texts = [run_script("generate_conditional_samples.py", "--prompt", "Hello", "--model_name", "tiny",
+                        "--models_dir", tiny_models_dir, "--engine", engine, "--temperature", "0", "--length", "10")
+             for engine in ("tf", "litert")]
+    assert texts[0].returncode == 0 and texts[1].returncode == 0, texts[1].stderr
+    assert texts[1].stdout == texts[0].stdout
+
+
+def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_dir, tmp_path, capsys):
+    from ai_edge_litert.interpreter import Interpreter
+
+    import checkpoint
+    import export
+    import litert_engine
+
+    export.export("tflite", "tiny", models_dir, out=str(tmp_path / "out"))
+    path = capsys.readouterr().out.strip()
+    assert sorted(os.listdir(tmp_path / "out")) == ["encoder.json", "gpt2-float32.tflite", "hparams.json", "vocab.bpe"]
+    # The README's contract: the prompt beside an empty one-slot cache, by input name.
+    hp = TINY_HPARAMS
+    it = Interpreter(model_path=path)
+    runner = it.get_signature_runner()
+    tokens = np.array([[5, 6, 7]], np.int32)
+    empty_keys = np.zeros([1, hp["n_head"], 1, hp["n_embd"] // hp["n_head"]], np.float32)
+    cache = {f"keys_{i}": empty_keys for i in range(hp["n_layer"])}
+    cache.update({f"values_{i}": np.swapaxes(empty_keys, 2, 3) for i in range(hp["n_layer"])})
+    out = runner(tokens=tokens, pos=np.int32(0), pad=np.zeros([1], np.int32), **cache)
+    assert out["output_0"].shape == (1, hp["n_vocab"])
+    assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, hp["n_head"], 3, 8)
+    engine = litert_engine.Engine(path, checkpoint.load_hparams(os.path.join(models_dir, "tiny")))
+    np.testing.assert_allclose(out["output_0"], engine.prefill(tokens, np.zeros([1], np.int32), 4)[0], atol=1e-6)
+
+
+def test_export_rejects_an_unknown_format(models_dir):
+    import export
+    from errors import UserError
+
+    with pytest.raises(UserError, match="format must be one of saved_model, tflite"):
+        export.export("onnx", "tiny", models_dir, out="x")
