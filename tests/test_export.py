@@ -160,6 +160,6 @@ def test_an_unknown_format_or_no_out_is_a_one_line_error(tiny_models_dir, tmp_pa
 
     result = run_script("export.py", "--format", "onnx", "--out", tmp_path, "--models_dir", tiny_models_dir)
     assert result.returncode == 2 and result.stderr.strip() == \
-        "error: --format must be one of saved_model, got 'onnx'"
+        "error: --format must be one of saved_model, tflite, got 'onnx'"
     result = run_script("export.py", "--model_name", "tiny", "--models_dir", tiny_models_dir)
     assert result.returncode == 2 and "give --out" in result.stderr

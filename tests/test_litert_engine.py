@@ -91,6 +91,17 @@ def test_greedy_tokens_equal_the_tensorflow_engines_with_every_control(engines, 
         assert (runs[0][:, :6] != 50256).all() and (runs[0][:, 6] == 50256).all()
 
 
+def test_sliding_past_the_window_gives_the_tensorflow_engines_tokens(engines):
+    import sample
+
+    tf_engine, lite, _ = engines
+    prompts, length = [[5, 6, 7], [9]], 3 * tf_engine.hparams.n_ctx
+    runs = [np.concatenate(list(sample.Sampler(e, 50256).generate(prompts, length, temperature=0)), 1)
+            for e in (tf_engine, lite)]
+    assert runs[0].shape == (2, length)
+    np.testing.assert_array_equal(runs[1], runs[0])
+
+
 def test_sampling_with_a_seed_and_logprobs_matches_the_tensorflow_engine(engines):
     import sample
 
