@@ -132,6 +132,19 @@ def model_values(weights, hparams, compute_dtype, matrix_dtype):
         yield name, to_model_layout(name, value, compute_dtype)
 
 
+def weight_sources(model_dir):
+    """The files a model directory's weights and shape are read from, in either format."""
+    if hf_format.is_hf_dir(model_dir):
+        names = [hf_format.CONFIG_FILE] + sorted(
+            f for f in os.listdir(model_dir) if f.endswith(".safetensors") or f in (hf_format.INDEX_FILE,
+                                                                                    hf_format.PICKLE_FILE))
+        return [os.path.join(model_dir, f) for f in names]
+    prefix = checkpoint_prefix(model_dir)
+    data = sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir)
+                  if os.path.join(model_dir, f).startswith(prefix + "."))
+    return data + [os.path.join(model_dir, "hparams.json")]
+
+
 def checkpoint_prefix(model_dir):
     """The checkpoint prefix that `model_dir/checkpoint` names, inside `model_dir` itself.
 

@@ -98,12 +98,11 @@ def installed():
 
 
 def cache_key(model_dir, dtype):
-    """What a conversion depends on, hashed: the checkpoint's files (names, sizes, times written),
-    hparams.json, the dtype, the program's version and the converter's and interpreter's versions."""
+    """What a conversion depends on, hashed: the weights' files (names, sizes, times written) and
+    hparams.json or config.json, the dtype, the program's version and the converter's and interpreter's versions."""
     from importlib import metadata
 
-    prefix = checkpoint.checkpoint_prefix(model_dir)
-    files = sorted(glob.glob(glob.escape(prefix) + ".*")) + [os.path.join(model_dir, "hparams.json")]
+    files = checkpoint.weight_sources(model_dir)
     stats = [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     parts = [PROGRAM_VERSION, dtype, tf.__version__, metadata.version("ai-edge-litert"), stats]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
