@@ -62,7 +62,7 @@ HELP = dict(
 @cli.documented("Fine-tunes a GPT-2 model on your text. Ctrl-C or SIGTERM stops it after the step and saves "
                 "(exit status 0); a closed standard output (| head) stops the printing, not the training.", **HELP)
 def train(dataset=None, model_name="124M", models_dir="models", run_name="run1", checkpoint_dir="checkpoint",
-          sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=2e-5,
+          sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=None,
           accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
           optimizer="adam", adafactor_beta1=None, adafactor_clip_threshold=None, lora_rank=None, lora_alpha=None,
           lora_targets=None, noise=0.0, top_k=40, top_p=0.0, restore_from="latest", sample_every=100,

@@ -95,6 +95,23 @@ def test_the_adapted_model_matches_hugging_faces_with_the_adapters_beside_its_la
     np.testing.assert_allclose(lm(TOKENS)["logits"].numpy(), expected, atol=1e-4)
 
 
+def test_samples_during_training_come_from_the_adapted_model(adapted):
+    import decode
+    import sample
+
+    lm, _ = adapted
+    merged = model.GPT2(HP, lm.checkpoint_weights())
+
+    def greedy(m):
+        tokens = sample.Sampler(decode.Decoder(m), 50256).generate([[50256], [464, 2068]], 8, temperature=0)
+        return np.concatenate(list(tokens), axis=1)
+
+    adapted_tokens = greedy(lm)
+    np.testing.assert_array_equal(adapted_tokens, greedy(merged))
+    assert not np.array_equal(adapted_tokens, greedy(model.GPT2(HP, {n: checkpoint.to_checkpoint_layout(n, v)
+                                                                  for n, v in lm.weights.items()})))
+
+
 def test_a_sixteen_bit_layout_merges_the_same_change(weights, adapted):
     lm, _ = adapted
     mixed = trainer.build_model(HP, weights, tf.distribute.get_strategy(), "mixed_bfloat16", lora=lm.config,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import train as train_script
@@ -113,6 +114,12 @@ def test_an_adafactor_run_resumes_with_its_factored_state(tiny_models_dir, tmp_p
 
     saved = tf.train.load_checkpoint(str(run / "optimizer-2")).get_variable_to_shape_map()
     assert saved["model/h0/mlp/c_fc/w/Adafactor_vr"] == [32] and "model/h0/mlp/c_fc/w/Adam" not in saved
+    # Without --learning_rate the step is the paper's relative one, 1e-2 of the weights' RMS (0.29 of it after two
+    # steps through the first moment), not a fixed 2e-5.
+    name = "model/h0/mlp/c_fc/w"
+    before = tf.train.load_checkpoint(os.path.join(tiny_models_dir, "tiny", "model.ckpt")).get_tensor(name)
+    after = tf.train.load_checkpoint(str(run / "model-2")).get_tensor(name)
+    assert 1e-3 < np.sqrt(np.mean((after - before) ** 2)) / np.sqrt(np.mean(before ** 2)) < 3e-2
     second = train(tiny_models_dir, tmp_path, *options, "--max_steps", "3")
     assert second.returncode == 0, second.stderr
     assert "at step 2 with its optimizer state" in second.stdout
