@@ -105,7 +105,8 @@ class Trainer:
     """Trains `lm` (built by `build_model` under `strategy`) on batches of token windows.
 
     Args:
-        lm: A `model.GPT2` whose variables were created in `strategy.scope()`.
+        lm: A `model.GPT2` whose variables were created in `strategy.scope()` (a `lora.LoraGPT2`: only
+            its adapters train).
         strategy: The tf.distribute strategy; batches are split evenly across its replicas.
         optimizer: 'adam', 'sgd' or 'adafactor'.
         learning_rate: The optimizer's step size (see `make_optimizer` for None).
