@@ -281,7 +281,7 @@ class Model:
         out = [states[i].numpy()[0] for i in picked]
         return out[0] if layers is None or isinstance(layers, int) else out
 
-    def fine_tune(self, dataset, steps, *, batch_size=1, learning_rate=2e-5, optimizer="adam",
+    def fine_tune(self, dataset, steps, *, batch_size=1, learning_rate=None, optimizer="adam",
                   accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
                   noise=0.0, combine=50000, encoding="utf-8", run_dir=None, save_every=0, seed=None, log=None):
         """Fine-tunes this model in place (what `generate` and `score` use afterwards) for `steps`
@@ -291,6 +291,8 @@ class Model:
             dataset: A path (file, directory, glob, encode.py .npz) or a list of texts, each one
                 document (separated by <|endoftext|>).
             steps: Updates to make.
+            learning_rate: The step size; None: 2e-5 for "adam" and "sgd", the paper's relative
+                step for "adafactor" (as train.py's --learning_rate).
             run_dir: Also save there as train.py does (a model directory; resumable with
                 train.py --restore_from latest); None saves nothing: call `save` when done.
             save_every: Save to run_dir every this many steps too (0: only at the end).

@@ -75,19 +75,24 @@ def hf_rates(lm, batch_sizes, prompt_length, new_tokens):
     return rates
 
 
-def train_rate(model_dir, batch, length, steps, precision="float32", xla=True):
-    """Fine-tuning tokens/s (Adam, in `precision`) on batches of random windows, the best of
-    `steps` steps after two warm-up steps (the first compiles), and the model trained."""
+def train_rate(model_dir, batch, length, steps, precision="float32", xla=True, optimizer="adam",
+               memory_saving_gradients=False, lora_rank=0):
+    """Fine-tuning tokens/s (`optimizer`, in `precision`; LoRA adapters of `lora_rank` on every
+    target when > 0) on batches of random windows, the best of `steps` steps after two warm-up
+    steps (the first compiles), and the model trained."""
     import numpy as np
     import tensorflow as tf
 
     import checkpoint
+    import lora
     import trainer
 
     hp = checkpoint.load_hparams(model_dir)
     strategy = tf.distribute.get_strategy()
-    lm = trainer.build_model(hp, checkpoint.read_weights(model_dir, hp), strategy, precision)
-    t = trainer.Trainer(lm, strategy, xla=xla)
+    adapters = lora.Config(lora_rank) if lora_rank else None
+    # Read one tensor at a time, as train.py does: a dict of them all would be a second copy.
+    lm = trainer.build_model(hp, checkpoint.open_weights(model_dir, hp), strategy, precision, lora=adapters)
+    t = trainer.Trainer(lm, strategy, optimizer=optimizer, memory_saving_gradients=memory_saving_gradients, xla=xla)
     rng = np.random.default_rng(0)
     best = float("inf")
     for step in range(steps + 2):
@@ -389,7 +394,8 @@ def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed
 def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8, prompt_length=32,
               length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
               script=True, train=True, train_batch=1, train_length=256, train_steps=4, train_precision="float32",
-              serve=False, engine="tf"):
+              serve=False, engine="tf", train_optimizer="adam", train_lora_rank=0,
+              memory_saving_gradients=False):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -416,6 +422,9 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         train_precision: float32, mixed_bfloat16 or mixed_float16, as train.py's --precision.
         serve: Measure serve.py over HTTP: 8 concurrent clients of 64 tokens against the same
             requests one after another, latencies, and 1000 mixed requests from 16 clients.
+        train_optimizer: adam, sgd or adafactor, as train.py's --optimizer.
+        train_lora_rank: Train LoRA adapters of this rank on every target instead of the weights (0: off).
+        memory_saving_gradients: Recompute each block's activations in training, as train.py's flag.
     """
     if not keep_grappler:
         runtime.fast_start()
@@ -449,9 +458,13 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
             tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
             results["train_batch"], results["train_length"] = train_batch, train_length
             results["train_precision"] = train_precision
+            results["train_optimizer"], results["train_lora_rank"] = train_optimizer, train_lora_rank
+            results["memory_saving_gradients"] = memory_saving_gradients
             path = hparams_lib.model_dir(model_name, models_dir)
             results["train_tok_s"], trained = train_rate(path, train_batch, train_length, train_steps,
-                                                         train_precision)
+                                                         train_precision, optimizer=train_optimizer,
+                                                         memory_saving_gradients=memory_saving_gradients,
+                                                         lora_rank=train_lora_rank)
             results["train_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if hf and _hf_installed():
                 results["hf_train_tok_s"] = hf_train_rate(trained, train_batch, train_length, train_steps)

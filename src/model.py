@@ -131,14 +131,16 @@ class GPT2(tf.Module):
             (norms, softmax and logits stay float32).
         float32_variables: Store matrices in float32 and cast them where read (mixed-precision
             training); by default they are stored in `compute_dtype`, half the memory for 16 bits.
+        trainable: Whether the variables are trainable (False: frozen, as under LoRA, so no
+            gradient is taken for them, not even inside recomputed blocks).
     """
 
-    def __init__(self, hparams, weights, compute_dtype=tf.float32, float32_variables=False):
+    def __init__(self, hparams, weights, compute_dtype=tf.float32, float32_variables=False, trainable=True):
         super().__init__(name="model")
         self.hparams = hparams
         self.compute_dtype = tf.as_dtype(compute_dtype)
         stored = tf.float32 if float32_variables else self.compute_dtype
-        self.weights = {name: tf.Variable(value, trainable=True, name=name)  # checkpoint name -> variable
+        self.weights = {name: tf.Variable(value, trainable=trainable, name=name)  # checkpoint name -> variable
                         for name, value in checkpoint.model_values(weights, hparams, self.compute_dtype, stored)}
         self.layers = checkpoint.arrange(self.weights, hparams.n_layer)
         tokens_pad = [tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)]

@@ -2,7 +2,8 @@
 released format, so every sampling script loads it with `--models_dir checkpoint --model_name <run_name>`.
 
 A save writes `model-<step>.{index,data-00000-of-00001}` (the model's variables under their TF1
-names), `optimizer-<step>.*` (the optimizer's state, for resuming), then the `checkpoint` file
+names; under LoRA the weights with the adapters merged in), `optimizer-<step>.*` (the optimizer's
+state, for resuming), `lora-<step>.*` (LoRA's adapters, for resuming), then the `checkpoint` file
 that names the newest save, and last `counter`. TensorFlow writes each bundle under a temporary
 name and renames it; until `checkpoint` is replaced, readers see the previous complete save.
 What a killed or failed save leaves behind is removed by the next `prepare` of the directory.
@@ -12,6 +13,7 @@ import re
 import secrets
 
 
+import lora
 from checkpoint import to_checkpoint_layout, to_model_layout
 from errors import UserError
 from encoder import VOCAB_FILES, vocab_texts
@@ -19,7 +21,7 @@ from runtime import tf
 
 STEP_PREFIX = re.compile(r"^model-(\d+)$")
 # A bundle's files, and TensorFlow's temporary names for them (`<file>.tempstate<digits>`).
-BUNDLE_FILE = re.compile(r"^(model|optimizer)-(\d+)\.(index|data-\d+-of-\d+)(\.tempstate\d+)?$")
+BUNDLE_FILE = re.compile(r"^(model|optimizer|lora)-(\d+)\.(index|data-\d+-of-\d+)(\.tempstate\d+)?$")
 # write_atomically's temporary names.
 TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 
@@ -85,18 +87,21 @@ def _save_bundle(prefix, tensors):
 
 
 def save(run_dir, step, lm, optimizer=None, max_to_keep=5):
-    """Saves the model (and optimizer) as step `step`; keeps the newest `max_to_keep` saves of
-    the model and only the newest optimizer state. A failed write (a full disk) removes what it
-    wrote and is a UserError; the previous save stays the newest."""
+    """Saves the model (and optimizer, and a `lora.LoraGPT2`'s adapters) as step `step`; keeps the
+    newest `max_to_keep` saves of the model and only the newest optimizer state and adapters. A
+    failed write (a full disk) removes what it wrote and is a UserError; the previous save stays
+    the newest."""
     previous = [s for s in saved_steps(run_dir) if s != step]
     kept = (previous + [step])[-max(1, max_to_keep):]
     try:
         _save_bundle(os.path.join(run_dir, f"model-{step}"), lm.checkpoint_weights())
         if optimizer is not None:
-            state = {n: to_checkpoint_layout(_slot_owner(n), v.read_value(), lm.compute_dtype)
+            state = {n: _slot_layout(to_checkpoint_layout, n, v.read_value(), lm.compute_dtype)
                      for n, v in optimizer.slots.items()}
             state["global_step"] = optimizer.iterations.read_value()
             _save_bundle(os.path.join(run_dir, f"optimizer-{step}"), state)
+        if isinstance(lm, lora.LoraGPT2):
+            _save_bundle(os.path.join(run_dir, f"lora-{step}"), lm.adapter_values())
         write_atomically(os.path.join(run_dir, "checkpoint"), "".join([f'model_checkpoint_path: "model-{step}"\n'] + [
             f'all_model_checkpoint_paths: "model-{s}"\n' for s in kept]))
         write_atomically(os.path.join(run_dir, "counter"), f"{step}\n")
@@ -108,17 +113,17 @@ def save(run_dir, step, lm, optimizer=None, max_to_keep=5):
         then = "run again" if newest is None else f"run again to resume from model-{newest}, the newest save"
         raise UserError(f"cannot save {os.path.join(run_dir, f'model-{step}')}: {_reason(e)}; "
                         f"free some space (or fix the cause), then {then}") from None
-    _remove_bundle(run_dir, lambda kind, s, partial: s in previous and (kind == "optimizer" or s not in kept))
+    _remove_bundle(run_dir, lambda kind, s, partial: s in previous and (kind != "model" or s not in kept))
 
 
 def remove_leftovers(run_dir):
     """Removes what a killed or failed save left in `run_dir`: temporary files, and bundles no
     resume reads (model saves newer than the newest listed one and never listed, optimizer states
-    of other steps than the newest)."""
+    and adapters of other steps than the newest)."""
     steps = saved_steps(run_dir)
     newest = steps[-1] if steps else -1
     _remove_bundle(run_dir, lambda kind, s, partial: partial or (
-        s != newest if kind == "optimizer" else s > newest and s not in steps))
+        s > newest and s not in steps if kind == "model" else s != newest))
     for name in os.listdir(run_dir):
         if TEMPORARY.match(name):
             os.unlink(os.path.join(run_dir, name))
@@ -143,9 +148,25 @@ def _reason(error):
 
 
 def _slot_owner(slot_name):
-    """The variable an optimizer slot belongs to: slots are named `<variable>/<slot>` and shaped
-    like their variable, so they are saved in the checkpoint's layout as it is."""
+    """The variable an optimizer slot belongs to: slots are named `<variable>/<slot>`."""
     return slot_name.rsplit("/", 1)[0]
+
+
+def _slot_layout(convert, slot_name, value, compute_dtype):
+    """A slot converted between layouts by `convert` when it is shaped like its matrix; Adafactor's
+    factored rows and columns are indexed by the released layout already."""
+    if value.shape.rank == 1:
+        return value
+    return convert(_slot_owner(slot_name), value, compute_dtype)
+
+
+def read_adapters(run_dir, step):
+    """The LoRA adapters saved with step `step` (name -> tensor, `lora.ALPHA` included), or None."""
+    prefix = os.path.join(run_dir, f"lora-{step}")
+    if not os.path.exists(prefix + ".index"):
+        return None
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: tf.constant(reader.get_tensor(name)) for name in reader.get_variable_to_shape_map()}
 
 
 def restore_optimizer(run_dir, step, optimizer, compute_dtype=tf.float32):
@@ -159,6 +180,6 @@ def restore_optimizer(run_dir, step, optimizer, compute_dtype=tf.float32):
     if set(optimizer.slots) - set(found):
         return False  # saved by another optimizer or with other trainable variables
     for name, variable in optimizer.slots.items():
-        variable.assign(to_model_layout(_slot_owner(name), reader.get_tensor(name), compute_dtype))
+        variable.assign(_slot_layout(to_model_layout, name, tf.constant(reader.get_tensor(name)), compute_dtype))
     optimizer.iterations.assign(int(reader.get_tensor("global_step")))
     return True

@@ -20,11 +20,21 @@ HELP = dict(
             "(0: one chunk per file).",
     encoding="Text encoding of the dataset files.",
     batch_size="Windows per step (split across devices with --strategy).",
-    learning_rate="Optimizer step size.",
+    learning_rate="Optimizer step size (default 2e-5 for adam and sgd). For adafactor, a fixed relative step (each "
+                  "update is this times the weight's RMS); default the paper's min(1e-2, 1/sqrt(step)).",
     accumulate_gradients="Batches whose gradients are averaged into each update.",
     memory_saving_gradients="Recompute each block's activations during backprop: less memory, more time.",
     only_train_transformer_layers="Train the transformer blocks only, not the embeddings or final norm.",
-    optimizer="adam or sgd.",
+    optimizer="adam, sgd, or adafactor (factored second moments: a row and a column per matrix instead of Adam's "
+              "two copies of the weights).",
+    adafactor_beta1="Adafactor's first-moment decay (default 0: none, as in the paper; 0.9 keeps one, a copy of "
+                    "the weights).",
+    adafactor_clip_threshold="Adafactor's update clipping: each update's RMS is at most this (default 1).",
+    lora_rank="Train LoRA adapters of this rank (a whole number >= 1) beside frozen weights, instead of the "
+              "weights; saves merge them in, so every script loads the run (default: train the weights).",
+    lora_alpha="LoRA's alpha: the adapters' change is scaled by alpha / rank (default: alpha = rank).",
+    lora_targets="Comma-separated matrices of each block that get adapters: attn/c_attn, attn/c_proj, mlp/c_fc, "
+                 "mlp/c_proj (default: all four).",
     noise="Probability of replacing each input token by a random one (a regulariser).",
     top_k="top_k for the samples printed during training (0: off).",
     top_p="top_p for the samples printed during training (0 or 1: off).",
@@ -52,9 +62,10 @@ HELP = dict(
 @cli.documented("Fine-tunes a GPT-2 model on your text. Ctrl-C or SIGTERM stops it after the step and saves "
                 "(exit status 0); a closed standard output (| head) stops the printing, not the training.", **HELP)
 def train(dataset=None, model_name="124M", models_dir="models", run_name="run1", checkpoint_dir="checkpoint",
-          sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=2e-5,
+          sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=None,
           accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
-          optimizer="adam", noise=0.0, top_k=40, top_p=0.0, restore_from="latest", sample_every=100,
+          optimizer="adam", adafactor_beta1=None, adafactor_clip_threshold=None, lora_rank=None, lora_alpha=None,
+          lora_targets=None, noise=0.0, top_k=40, top_p=0.0, restore_from="latest", sample_every=100,
           sample_length=None, sample_num=1, save_every=1000, val_dataset=None, val_batch_size=2,
           val_batch_count=40, val_every=0, max_steps=None, max_to_keep=5, strategy="default",
           precision="float32", seed=None, xla=True):
@@ -66,15 +77,19 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         cli.check_whole(name, locals()[name], least)
     if max_steps is not None:
         cli.check_whole("max_steps", max_steps, 1)
-    if not isinstance(learning_rate, (int, float)) or learning_rate <= 0:
+    if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or learning_rate <= 0):
         raise UserError(f"--learning_rate must be a number > 0, got {learning_rate!r}")
     if not isinstance(noise, (int, float)) or not 0 <= noise < 1:
         raise UserError(f"--noise must be a probability in [0, 1), got {noise!r}")
     top_p = 1.0 if top_p == 0 else top_p  # the fork's 0 means off, as our 1 does
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1] (0 or 1: off), got {top_p!r}")
-    if optimizer not in ("adam", "sgd"):
-        raise UserError(f"--optimizer must be adam or sgd, got {optimizer!r}")
+    if optimizer not in ("adam", "sgd", "adafactor"):
+        raise UserError(f"--optimizer must be adam, sgd or adafactor, got {optimizer!r}")
+    if lora_rank is None and (lora_alpha is not None or lora_targets is not None):
+        raise UserError("--lora_alpha and --lora_targets need --lora_rank: give the adapters' rank too")
+    if lora_rank is not None:
+        cli.check_whole("lora_rank", lora_rank, 1)
     run_name = check_run_name(run_name)
     run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
     check_directory("checkpoint_dir", run_dir)
@@ -89,6 +104,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     import dataset as dataset_lib
     import encoder as encoder_lib
     import finetune
+    import lora
     import runs
     import sample
     import trainer as trainer_lib
@@ -99,6 +115,9 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         out.print(f"{run_dir} is already at step {start_step} and --max_steps is {max_steps}: nothing to do "
                   "(raise --max_steps to train further)")
         return
+    adapters_config = None if lora_rank is None else lora.Config(lora_rank, lora_alpha, lora_targets or lora.TARGETS)
+    optimizer_options = dict(adafactor_beta1=adafactor_beta1, adafactor_clip_threshold=adafactor_clip_threshold)
+    trainer_lib.optimizer_keywords(optimizer, **optimizer_options)  # its checks, before any work
     runtime.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
@@ -121,8 +140,13 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         val_data = dataset_lib.TokenSampler(dataset_lib.load_dataset(enc, val_dataset, combine, encoding), seed=1)
         val_batches = finetune.validation_batches(val_data, val_batch_size, val_batch_count, hp.n_ctx)
 
-    lm = trainer_lib.build_model(hp, checkpoint.open_weights(source_dir, hp, prefix=prefix), strategy, precision)
+    weights = checkpoint.open_weights(source_dir, hp, prefix=prefix)
+    adapters = lora_start(run_dir, start_step, adapters_config, out) if start_step else None
+    if adapters is not None:
+        weights = lora.UnmergedWeights(weights, adapters)  # the frozen weights the adapters were trained on
+    lm = trainer_lib.build_model(hp, weights, strategy, precision, lora=adapters_config, adapters=adapters, seed=seed)
     trainer = trainer_lib.Trainer(lm, strategy, optimizer=optimizer, learning_rate=learning_rate,
+                                  optimizer_options=optimizer_options,
                                   accumulate_gradients=accumulate_gradients,
                                   memory_saving_gradients=memory_saving_gradients,
                                   only_train_transformer_layers=only_train_transformer_layers, noise=noise, seed=seed,
@@ -141,6 +165,25 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     out.print("Training...")
     finetune.fine_tune(trainer, enc, data, run_dir, schedule, start_step=start_step, val_batches=val_batches,
                        out=out)
+
+
+def lora_start(run_dir, step, config, out):
+    """The adapters saved with step `step` of `run_dir` when resuming with LoRA (a `lora.Config`,
+    checked against them), else None: fresh adapters start on the saved weights."""
+    import lora
+    import runs
+
+    adapters = runs.read_adapters(run_dir, step)
+    if adapters is None or config is None:
+        if adapters is not None:
+            out.print(f"{run_dir} holds LoRA adapters, merged into its weights: training all weights now "
+                      "(resume with --lora_rank to train the adapters)")
+        return None
+    saved = lora.Config.of_adapters(adapters)
+    if saved != config:
+        raise UserError(f"{run_dir} was trained with LoRA rank {saved.rank}, alpha {saved.alpha:g} and targets "
+                        f"{','.join(saved.targets)}: resume with those, or start over with --restore_from fresh")
+    return adapters
 
 
 def check_run_name(run_name):

@@ -5,6 +5,8 @@ code path serves a CPU, one GPU, the GPUs of a machine (mirrored) and several ma
 (multi-worker, configured by TF_CONFIG).
 """
 
+import checkpoint
+import lora as lora_lib
 import model as model_lib
 import optimizers
 from errors import UserError
@@ -31,10 +33,52 @@ def parse_precision(precision, flag="precision"):
     return PRECISIONS[precision]
 
 
-def build_model(hparams, weights, strategy, precision="float32"):
-    """A GPT2 with float32 variables (mirrored when the strategy has several devices)."""
+def build_model(hparams, weights, strategy, precision="float32", lora=None, adapters=None, seed=0):
+    """A GPT2 with float32 variables (mirrored when the strategy has several devices); with a
+    `lora.Config`, a `lora.LoraGPT2` whose `adapters` (default: fresh ones, seeded) are what trains."""
     with strategy.scope():
+        if lora is not None:
+            return lora_lib.LoraGPT2(hparams, weights, lora, adapters=adapters, seed=seed,
+                                     compute_dtype=parse_precision(precision), float32_variables=True)
         return model_lib.GPT2(hparams, weights, compute_dtype=parse_precision(precision), float32_variables=True)
+
+
+# Options only one optimizer takes: option -> (that optimizer, its keyword).
+OPTIMIZER_OPTIONS = {"adafactor_beta1": ("adafactor", "beta1"),
+                     "adafactor_clip_threshold": ("adafactor", "clip_threshold")}
+
+
+def optimizer_keywords(name, **options):
+    """UserErrors for an unknown optimizer and for options of another one; returns the keywords
+    of the optimizer's class for the `options` given (OPTIMIZER_OPTIONS, None: not given)."""
+    if name not in optimizers.OPTIMIZERS:
+        raise UserError(f"optimizer must be one of {', '.join(optimizers.OPTIMIZERS)}, got {name!r}")
+    kwargs = {}
+    for option, value in options.items():
+        owner, keyword = OPTIMIZER_OPTIONS[option]
+        if value is None:
+            continue
+        if owner != name:
+            raise UserError(f"{option} must not be given with optimizer {name!r}: it is an option of {owner} "
+                            f"(drop it, or use optimizer {owner})")
+        kwargs[keyword] = value
+    if "beta1" in kwargs and not (isinstance(kwargs["beta1"], (int, float)) and 0 <= kwargs["beta1"] < 1):
+        raise UserError(f"adafactor_beta1 must be in [0, 1) (0: no first moment), got {kwargs['beta1']!r}")
+    if "clip_threshold" in kwargs and not (isinstance(kwargs["clip_threshold"], (int, float))
+                                           and kwargs["clip_threshold"] > 0):
+        raise UserError(f"adafactor_clip_threshold must be a number > 0, got {kwargs['clip_threshold']!r}")
+    return kwargs
+
+
+def make_optimizer(name, variables, learning_rate=None, compute_dtype=tf.float32, **options):
+    """The optimizer `name` over `variables`. learning_rate None: the fork's 2e-5 for Adam and SGD,
+    the paper's relative step for Adafactor. `options` as `optimizer_keywords` takes them."""
+    kwargs = optimizer_keywords(name, **options)
+    if name == "adafactor":
+        transposed = [v.name.split(":")[0] for v in variables
+                      if v.name.split(":")[0].endswith("/w") and checkpoint.is_transposed(compute_dtype)]
+        return optimizers.Adafactor(variables, learning_rate, transposed=transposed, **kwargs)
+    return optimizers.OPTIMIZERS[name](variables, 2e-5 if learning_rate is None else learning_rate)
 
 
 def xla_suits(compute_dtype):
@@ -61,10 +105,12 @@ class Trainer:
     """Trains `lm` (built by `build_model` under `strategy`) on batches of token windows.
 
     Args:
-        lm: A `model.GPT2` whose variables were created in `strategy.scope()`.
+        lm: A `model.GPT2` whose variables were created in `strategy.scope()` (a `lora.LoraGPT2`: only
+            its adapters train).
         strategy: The tf.distribute strategy; batches are split evenly across its replicas.
-        optimizer: 'adam' or 'sgd'.
-        learning_rate: The optimizer's step size.
+        optimizer: 'adam', 'sgd' or 'adafactor'.
+        learning_rate: The optimizer's step size (see `make_optimizer` for None).
+        optimizer_options: OPTIMIZER_OPTIONS for the optimizer, by name.
         accumulate_gradients: Batches whose gradients are averaged into each update.
         memory_saving_gradients: Recompute each block's activations during backprop.
         only_train_transformer_layers: Train the blocks only, not embeddings or the final norm.
@@ -76,19 +122,21 @@ class Trainer:
             recomputation away), and not for 16-bit precisions on a CPU (see `xla_suits`).
     """
 
-    def __init__(self, lm, strategy, optimizer="adam", learning_rate=2e-5, accumulate_gradients=1,
-                 memory_saving_gradients=False, only_train_transformer_layers=False, noise=0.0, seed=0, xla=True):
-        if optimizer not in optimizers.OPTIMIZERS:
-            raise UserError(f"optimizer must be one of {', '.join(optimizers.OPTIMIZERS)}, got {optimizer!r}")
+    def __init__(self, lm, strategy, optimizer="adam", learning_rate=None, accumulate_gradients=1,
+                 memory_saving_gradients=False, only_train_transformer_layers=False, noise=0.0, seed=0, xla=True,
+                 optimizer_options=None):
         self.lm, self.strategy = lm, strategy
         self.accumulate = int(accumulate_gradients)
         self.recompute = bool(memory_saving_gradients)
         self.noise, self.seed = float(noise), int(seed)
-        self.variables = [v for name, v in lm.weights.items()
+        # Under LoRA only the adapters train (all of them inside the blocks).
+        trainable = lm.adapters if isinstance(lm, lora_lib.LoraGPT2) else lm.weights
+        self.variables = [v for name, v in trainable.items()
                           if not only_train_transformer_layers or name.startswith("model/h")]
         self.fp16 = lm.compute_dtype == tf.float16
         with strategy.scope():
-            self.optimizer = optimizers.OPTIMIZERS[optimizer](self.variables, learning_rate)
+            self.optimizer = make_optimizer(optimizer, self.variables, learning_rate, lm.compute_dtype,
+                                            **(optimizer_options or {}))
             # float16 gradients underflow: the loss is scaled up and the scale halved on overflow.
             self.loss_scale = tf.Variable(2.0 ** 15 if self.fp16 else 1.0, trainable=False, name="loss_scale")
             self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")

@@ -176,3 +176,33 @@ def test_mixed_precision_saves_weights_and_optimizer_state_in_the_released_layou
         np.testing.assert_array_equal(other.optimizer.slots[name].numpy(), slot.numpy())
     moved = checkpoint.read_weights(run_dir, HP)["model/h0/mlp/c_fc/w"].numpy() - weights["model/h0/mlp/c_fc/w"]
     assert 0 < np.abs(moved).max() < 0.01  # one small step, in the released orientation
+
+
+def test_adafactor_state_round_trips_across_precisions(tmp_path):
+    # Its factored rows and columns follow the released layout, so a bf16 run resumes in float32.
+    strategy = tf.distribute.get_strategy()
+    weights = checkpoint.random_weights(HP, seed=4)
+    t = trainer.Trainer(trainer.build_model(HP, weights, strategy, "mixed_bfloat16"), strategy,
+                        optimizer="adafactor", optimizer_options=dict(adafactor_beta1=0.5))
+    run_dir = str(tmp_path / "run")
+    runs.prepare(run_dir, DEFAULT_VOCAB_DIR, HP)
+    train_once(t, 0)
+    train_once(t, 1)
+    runs.save(run_dir, 2, t.lm, t.optimizer)
+    saved = tf.train.load_checkpoint(os.path.join(run_dir, "optimizer-2")).get_variable_to_shape_map()
+    d = HP.n_embd
+    assert saved["model/h0/mlp/c_fc/w/Adafactor_vr"] == [d] and saved["model/h0/mlp/c_fc/w/Adafactor_vc"] == [4 * d]
+    assert saved["model/h0/mlp/c_fc/w/Adafactor_m"] == [1, d, 4 * d]
+    other = trainer.Trainer(trainer.build_model(HP, checkpoint.read_weights(run_dir, HP), strategy), strategy,
+                            optimizer="adafactor", optimizer_options=dict(adafactor_beta1=0.5))
+    assert runs.restore_optimizer(run_dir, 2, other.optimizer, other.lm.compute_dtype)
+    assert int(other.optimizer.iterations.numpy()) == 2
+    for name, slot in t.optimizer.slots.items():
+        expected = checkpoint.to_checkpoint_layout(name.rsplit("/", 1)[0], slot, tf.bfloat16) if slot.shape.rank == 2 \
+            else slot
+        got = checkpoint.to_checkpoint_layout(name.rsplit("/", 1)[0], other.optimizer.slots[name]) \
+            if slot.shape.rank == 2 else other.optimizer.slots[name]
+        np.testing.assert_array_equal(got.numpy(), expected.numpy(), err_msg=name)
+    # Adam's slots are not Adafactor's: a switch of optimizer starts from fresh moments.
+    adam = trainer.Trainer(trainer.build_model(HP, weights, strategy), strategy)
+    assert not runs.restore_optimizer(run_dir, 2, adam.optimizer)

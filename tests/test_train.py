@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import train as train_script
@@ -102,6 +103,50 @@ def test_restarting_with_latest_continues_the_count_and_the_optimizer(tiny_model
     fresh = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0",
                   "--restore_from", "fresh")
     assert [s for s, _ in losses(fresh.stdout)] == [1]
+
+
+def test_an_adafactor_run_resumes_with_its_factored_state(tiny_models_dir, tmp_path, corpus):
+    options = ["--dataset", corpus, "--sample_every", "0", "--optimizer", "adafactor", "--adafactor_beta1", "0.9"]
+    first = train(tiny_models_dir, tmp_path, *options, "--max_steps", "2")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "checkpoint" / "run1"
+    import tensorflow as tf
+
+    saved = tf.train.load_checkpoint(str(run / "optimizer-2")).get_variable_to_shape_map()
+    assert saved["model/h0/mlp/c_fc/w/Adafactor_vr"] == [32] and "model/h0/mlp/c_fc/w/Adam" not in saved
+    # Without --learning_rate the step is the paper's relative one, 1e-2 of the weights' RMS (0.29 of it after two
+    # steps through the first moment), not a fixed 2e-5.
+    name = "model/h0/mlp/c_fc/w"
+    before = tf.train.load_checkpoint(os.path.join(tiny_models_dir, "tiny", "model.ckpt")).get_tensor(name)
+    after = tf.train.load_checkpoint(str(run / "model-2")).get_tensor(name)
+    assert 1e-3 < np.sqrt(np.mean((after - before) ** 2)) / np.sqrt(np.mean(before ** 2)) < 3e-2
+    second = train(tiny_models_dir, tmp_path, *options, "--max_steps", "3")
+    assert second.returncode == 0, second.stderr
+    assert "at step 2 with its optimizer state" in second.stdout
+    assert [s for s, _ in losses(second.stdout)] == [3]
+    assert int(tf.train.load_checkpoint(str(run / "optimizer-3")).get_tensor("global_step")) == 3
+
+
+def test_a_lora_run_resumes_its_adapters_and_its_saves_load_in_the_sampling_scripts(tiny_models_dir, tmp_path,
+                                                                                      corpus):
+    options = ["--dataset", corpus, "--sample_every", "0", "--lora_rank", "2", "--lora_alpha", "4",
+               "--learning_rate", "0.01"]
+    first = train(tiny_models_dir, tmp_path, *options, "--max_steps", "2")
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "checkpoint" / "run1"
+    assert {"lora-2.index", "model-2.index", "optimizer-2.index"} <= set(os.listdir(run))
+    second = train(tiny_models_dir, tmp_path, *options, "--max_steps", "4", "--save_every", "1")
+    assert second.returncode == 0, second.stderr
+    assert "at step 2 with its optimizer state" in second.stdout
+    assert [s for s, _ in losses(second.stdout)] == [3, 4]
+    assert {n for n in os.listdir(run) if n.startswith("lora-")} == {"lora-4.index", "lora-4.data-00000-of-00001"}
+    sampled = run_script("generate_unconditional_samples.py", "--models_dir", str(tmp_path / "checkpoint"),
+                         "--model_name", "run1", "--length", "4", "--nsamples", "1", "--seed", "1")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "SAMPLE 1" in sampled.stdout
+    other = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--lora_rank", "3", "--max_steps", "5")
+    assert other.returncode == 2 and "was trained with LoRA rank 2, alpha 4" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
 
 
 def test_ctrl_c_stops_after_the_step_and_saves_a_loadable_checkpoint(tiny_models_dir, tmp_path, corpus):
@@ -230,7 +275,12 @@ def test_validation_loss_is_reported(tiny_models_dir, tmp_path, corpus):
 
 @pytest.mark.parametrize("args,message", [
     (["--dataset", "nowhere/*.txt"], "no dataset files match"),
-    (["--optimizer", "adagrad"], "--optimizer must be adam or sgd"),
+    (["--optimizer", "adagrad"], "--optimizer must be adam, sgd or adafactor"),
+    (["--adafactor_beta1", "0.9"], "--adafactor_beta1 must not be given with optimizer 'adam'"),
+    (["--lora_rank", "0"], "--lora_rank must be a whole number >= 1, got 0"),
+    (["--lora_rank", "-1"], "--lora_rank must be a whole number >= 1"),
+    (["--lora_rank", "2", "--lora_targets", "attn/c_attn,attn/q"], "--lora_targets must be a comma-separated list"),
+    (["--lora_alpha", "8"], "--lora_alpha and --lora_targets need --lora_rank"),
     (["--sample_length", "64"], "--sample_length (64) must be at most n_ctx - 1 (63)"),
     (["--restore_from", "no/such/run"], "--restore_from must be latest, fresh"),
     (["--batch_size", "0"], "--batch_size must be a whole number >= 1"),

@@ -1,5 +1,5 @@
-"""The training step against independent arithmetic: numpy Adam and SGD, averaged accumulation,
-recomputation, frozen layers, noise, mixed precision."""
+"""The training step against independent arithmetic: numpy Adam and SGD, Keras's Adafactor, averaged
+accumulation, recomputation, frozen layers, noise, mixed precision."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -80,6 +80,38 @@ def test_adam_matches_numpy_adam_over_two_steps(weights, batches):
         np.testing.assert_allclose(slot("/Adam_1"), v[n], rtol=1e-3, atol=1e-9, err_msg=n)
         np.testing.assert_allclose(got[n][settled[n]], expected[n][settled[n]], atol=1e-4, err_msg=n)  # 1% of a step
     assert int(t.optimizer.iterations.numpy()) == 2
+
+
+def test_adafactor_matches_keras_on_the_models_gradients_over_two_steps(weights, batches):
+    import keras
+
+    t = fresh_trainer(weights, optimizer="adafactor")
+    assert t.xla
+    # Keras factors the last two axes, so the released [1, in, out] layout factors as ours does.
+    reference = {n: keras.Variable(np.array(w), name=n.replace("/", "_")) for n, w in weights.items()}
+    keras_adafactor = keras.optimizers.Adafactor(learning_rate=1e-2)  # the paper's relative step
+    # As for Adam: where a gradient is ~0 (key biases, absent tokens) rounding noise decides a vector's step.
+    settled = {n: np.ones(w.shape, bool) for n, w in weights.items()}
+    for step in range(2):
+        loss, grads = gradients({n: v.numpy() for n, v in reference.items()}, batches[step])
+        assert t.train_step([batches[step]], step) == pytest.approx(loss, rel=1e-5)
+        keras_adafactor.apply([tf.constant(grads[n]) for n in reference], list(reference.values()))
+        for n, g in grads.items():
+            settled[n] &= np.abs(g) > 1e-6
+    got = values(t)
+    for n, v in reference.items():
+        assert not np.array_equal(got[n], weights[n]), n
+        np.testing.assert_allclose(got[n][settled[n]], np.asarray(v.numpy())[settled[n]], atol=2e-5, err_msg=n)
+    assert {n.rsplit("/", 1)[1] for n in t.optimizer.slots} == {"Adafactor_vr", "Adafactor_vc", "Adafactor_v"}
+
+
+def test_adafactor_factors_a_sixteen_bit_layout_by_the_released_rows_and_columns(weights):
+    t = fresh_trainer(weights, optimizer="adafactor", precision="mixed_bfloat16")
+    d = HP.n_embd
+    assert t.lm.weights["model/h0/mlp/c_fc/w"].shape == [4 * d, d]  # held as [out, in]
+    assert t.optimizer.slots["model/h0/mlp/c_fc/w/Adafactor_vr"].shape == [d]
+    assert t.optimizer.slots["model/h0/mlp/c_fc/w/Adafactor_vc"].shape == [4 * d]
+    assert t.optimizer.slots["model/wte/Adafactor_vr"].shape == [HP.n_vocab]
 
 
 @pytest.mark.parametrize("xla", [True, False])
@@ -165,6 +197,13 @@ def test_evaluate_does_not_train(weights, batches):
 def test_bad_options_are_user_errors(weights):
     with pytest.raises(trainer.UserError, match="optimizer"):
         fresh_trainer(weights, optimizer="adagrad")
+    for optimizer in ("adam", "sgd"):
+        with pytest.raises(trainer.UserError, match=f"adafactor_beta1 must not be given with optimizer '{optimizer}'"):
+            fresh_trainer(weights, optimizer=optimizer, optimizer_options=dict(adafactor_beta1=0.9))
+    with pytest.raises(trainer.UserError, match="adafactor_clip_threshold must be a number > 0"):
+        fresh_trainer(weights, optimizer="adafactor", optimizer_options=dict(adafactor_clip_threshold=0))
+    with pytest.raises(trainer.UserError, match=r"adafactor_beta1 must be in \[0, 1\)"):
+        fresh_trainer(weights, optimizer="adafactor", optimizer_options=dict(adafactor_beta1=1.0))
     with pytest.raises(trainer.UserError, match="strategy"):
         trainer.make_strategy("tpu_pod")
     with pytest.raises(trainer.UserError, match="precision"):
