@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import zipfile
 
 import numpy as np
@@ -104,6 +105,8 @@ _worker = {}  # what a worker process encodes with, set once by `_start_worker`
 
 
 def _start_worker(vocab, use_tiktoken, dtype):
+    # Ctrl-C reaches the whole process group; the main process alone answers it, stopping the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     enc = encoder.Encoder.from_dir(vocab)
     _worker.update(encode=piece_encoder(enc, use_tiktoken), dtype=dtype)
 
@@ -235,13 +238,20 @@ def write_npz(path, chunks):
                     f.write(np.asarray(chunk[start:start + NPZ_SLICE]).astype("<i4").tobytes())
 
 
+def remove(path):
+    """Removes a file or a directory tree, if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def remove_leftovers(parent, base):
     """Removes what killed runs writing `parent/base` left (temporary names with their pid)."""
     leftover = re.compile(re.escape(f".{base}.") + r"\d+\.tmp(\.[a-z.]+)?$")
     for name in os.listdir(parent):
         if leftover.match(name):
-            path = os.path.join(parent, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            remove(os.path.join(parent, name))
 
 
 @cli.documented(
@@ -302,8 +312,9 @@ def encode(in_text: str, out: str, model_name: str = "124M", models_dir: str = "
     finally:
         if writer is not None:
             writer.abort()
-        for name in ([temp, f"{temp}.shards"] if as_npz else []):
-            shutil.rmtree(name) if os.path.isdir(name) else os.path.exists(name) and os.remove(name)
+        if as_npz:
+            remove(temp)
+            remove(shard_dir)
     where = "" if as_npz else f" in {writer.shard_count} shard{'s' * (writer.shard_count != 1)}"
     print(f"wrote {chunk_count} chunk{'s' * (chunk_count != 1)}, {writer.tokens} tokens to {out}{where}")
 

@@ -158,7 +158,7 @@ class ShardWriter:
         return len(self._table)
 
     def abort(self):
-        """Removes what was written; `path` stays as it was."""
+        """Removes what was written, unless `finish` renamed it; `path` stays as it was."""
         if self._file is not None:
             self._file.close()
             self._file = None
