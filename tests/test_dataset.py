@@ -283,7 +283,8 @@ def test_streamed_pieces_encode_exactly_as_the_whole_file(enc, tmp_path):
 
 def test_streaming_cuts_only_where_the_words_stay_the_same(enc):
     rng = random.Random(3)
-    alphabet = ["a", "bc", " ", "  ", "\n", " \n", "'s", "'t", "7", "!", "é", "\t", "日本", "\u00a0", ".", "  x"]
+    alphabet = ["a", "bc", " ", "  ", "\n", " \n", "'s", "'t", "7", "!", "é", "\t", "日本", "\u00a0", ".", "  x",
+                "\x85", "\x1c", "\u2028", "\u3000"]
     unsafe_changed = 0
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 40)))

@@ -143,7 +143,8 @@ def test_tiktoken_gives_the_project_encoders_ids(enc):
     # Letters, marks, digits and symbols of many scripts, contractions, whitespace of every kind.
     alphabet = [chr(c) for c in [*range(32, 127), *range(0xA0, 0x250), *range(0x370, 0x530), *range(0x590, 0x700),
                                  *range(0x900, 0x980), *range(0x3040, 0x3100), *range(0x4E00, 0x4E80),
-                                 *range(0xAC00, 0xAC40), 0x1F600, 0x1F680, 0x2028, 0x3000, 0x200B, 0xFEFF]]
+                                 *range(0xAC00, 0xAC40), 0x1F600, 0x1F680, *range(0, 32), 0x85, 0x1680, 0x180E,
+                                 *range(0x2000, 0x200C), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000, 0xFEFF]]
     alphabet += ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", " ", "  ", "\n", "\t", "\r\n", "<|endoftext|>"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(300)]
     texts += ["a" * 5000, "日本" * 800, " " * 100 + "x", "Hello world", "A\u0301 e\u0308"]
