@@ -2,10 +2,11 @@
 windows over them.
 
 `load_dataset` reads what nshepperd/gpt-2's fine-tuning fork read (a file, a directory, a glob;
-text or encode.py's .npz), and encode.py's shard directories memory-mapped, with two of the
-fork's bugs fixed: documents are separated by the real
+text or encode.py's .npz) with two of its bugs fixed: documents are separated by the real
 <|endoftext|> token, not its 13 characters spelled as ordinary tokens, and directories are read
-in a fixed order. `TokenSampler` draws every window of a length with equal chance.
+in a fixed order; encode.py's shard directories it memory-maps. `stream_document` gives a text
+file's pieces as it reads them, for encode.py. `TokenSampler` draws every window of a length
+with equal chance.
 """
 import codecs
 import glob
