@@ -1,10 +1,14 @@
-"""Training data: token chunks from text or pre-encoded .npz files, and uniform windows over them.
+"""Training data: token chunks from text, pre-encoded .npz files or shard directories, and uniform
+windows over them.
 
 `load_dataset` reads what nshepperd/gpt-2's fine-tuning fork read (a file, a directory, a glob;
 text or encode.py's .npz) with two of its bugs fixed: documents are separated by the real
 <|endoftext|> token, not its 13 characters spelled as ordinary tokens, and directories are read
-in a fixed order. `TokenSampler` draws every window of a length with equal chance.
+in a fixed order; encode.py's shard directories it memory-maps. `stream_document` gives a text
+file's pieces as it reads them, for encode.py. `TokenSampler` draws every window of a length
+with equal chance.
 """
+import codecs
 import glob
 import os
 import zipfile
@@ -14,14 +18,17 @@ import numpy as np
 import regex
 import tqdm
 
+import shards
 from errors import UserError
 
 # Long documents are encoded this many characters at a time, so a 1 GB file needs little beyond
 # its text and its tokens (4 bytes each), not ~100 bytes of Python objects per token.
 PIECE_CHARS = 1 << 20
-# A newline after a non-space character: the split pattern ends a word there whatever follows
+# Whitespace after a non-space character: the split pattern ends a word there whatever follows
 # and never looks behind, so the text on each side splits into the same words as the whole.
-SAFE_CUT = regex.compile(r"(?<=\S)\n")
+SAFE_CUT = regex.compile(r"(?<=\S)(?=\s)")
+# Bytes read from a file at a time when streaming it.
+READ_BYTES = 1 << 22
 EOT_TEXT = "<|endoftext|>"
 # What a corrupt or foreign .npz raises while it is opened or read.
 NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -36,16 +43,17 @@ def dataset_files(path):
             it matches are walked). `~` is expanded.
 
     Returns:
-        A non-empty list of file paths.
+        A non-empty list of file paths; a shard directory written by encode.py is one entry,
+        not walked.
 
     Raises:
         UserError: Nothing matches.
     """
     path = os.path.expanduser(str(path))
-    if os.path.isfile(path):
+    if os.path.isfile(path) or shards.is_shard_dir(path):
         return [path]
     matches = [path] if os.path.isdir(path) else glob.glob(path, recursive=True)
-    files = sorted(f for m in matches for f in ([m] if os.path.isfile(m) else _walk(m)))
+    files = sorted(f for m in matches for f in ([m] if os.path.isfile(m) or shards.is_shard_dir(m) else _walk(m)))
     if not files:
         raise UserError(f"no dataset files match '{path}': give a text or .npz file, a directory, "
                         f"or a quoted glob such as 'data/*.txt'")
@@ -55,7 +63,9 @@ def dataset_files(path):
 def _walk(directory):
     files = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        units = {d for d in dirs if not d.startswith(".") and shards.is_shard_dir(os.path.join(root, d))}
+        files += [os.path.join(root, d) for d in units]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in units]
         files += [os.path.join(root, n) for n in names if not n.startswith(".")]
     return files
 
@@ -105,14 +115,84 @@ def _read_text(name, encoding):
     try:
         text = data.decode(encoding)
     except UnicodeError as e:
-        detail = f"byte {e.start}: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e)
-        raise UserError(f"{name} is not valid {encoding} ({detail}): use encoding latin-1 (or the file's own), "
-                        f"or convert it to {encoding}") from None
+        raise _not_decodable(name, encoding, e, 0) from None
     # Universal newlines, as the fork's text-mode reads gave: Windows files train like the rest.
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _load_npz(name, n_vocab):
+def _not_decodable(name, encoding, e, offset):
+    """The UserError for a UnicodeError `e` at `offset` bytes before the bytes it counts from."""
+    detail = f"byte {offset + e.start}: {e.reason}" if isinstance(e, UnicodeDecodeError) else str(e)
+    return UserError(f"{name} is not valid {encoding} ({detail}): use encoding latin-1 (or the file's own), "
+                     f"or convert it to {encoding}")
+
+
+def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYTES):
+    """One text file as it is read, `read_bytes` at a time, in pieces of about `piece_chars`.
+
+    The pieces are what `load_dataset` makes of the file, streamed: newlines normalized, and a
+    literal "<|endoftext|>" yielded as None; so encoding each piece and putting `eot_token` for
+    each None gives `encode_document(enc, text)`'s tokens. Cuts fall only at SAFE_CUT (or at a
+    separator), so a long run with no whitespace is held whole until it ends.
+
+    Args:
+        name: The file.
+        encoding: Its encoding, a Python codec name.
+        piece_chars: About how many characters a piece holds (a memory bound).
+        read_bytes: Bytes read at a time.
+
+    Yields:
+        (piece, bytes): a str (empty ones only report bytes), or None for a separator; and how
+        many bytes of the file were read since the last yield.
+
+    Raises:
+        UserError: The file cannot be read or is not valid `encoding`.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)()
+    held, carry, offset, unreported = "", "", 0, 0
+    try:
+        f = open(name, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {name}: {e.strerror or e}") from None
+    with f:
+        while True:
+            try:
+                data = f.read(read_bytes)
+            except OSError as e:
+                raise UserError(f"cannot read {name}: {e.strerror or e}") from None
+            final = not data
+            pending = len(decoder.getstate()[0])
+            try:
+                text = carry + decoder.decode(data, final)
+            except UnicodeError as e:
+                raise _not_decodable(name, encoding, e, offset - pending) from None
+            offset += len(data)
+            unreported += len(data)
+            # A final "\r" may be the first half of a "\r\n": it waits for the next read.
+            carry = "\r" if text.endswith("\r") and not final else ""
+            text = text[:len(text) - len(carry)]
+            *parts, held = (held + text.replace("\r\n", "\n").replace("\r", "\n")).split(EOT_TEXT)
+            for part in parts:
+                for piece in _pieces(part, piece_chars):
+                    if piece:
+                        yield piece, unreported
+                        unreported = 0
+                yield None, unreported
+                unreported = 0
+            if final:
+                for piece in _pieces(held, piece_chars):
+                    yield piece, unreported
+                    unreported = 0
+                return
+            while len(held) > piece_chars:
+                cut = SAFE_CUT.search(held, piece_chars)
+                if cut is None:
+                    break
+                yield held[:cut.start()], unreported
+                held, unreported = held[cut.start():], 0
+
+
+def load_npz(name, n_vocab):
     """The non-empty token arrays of an .npz that encode.py wrote, as int32."""
     def reject(why):
         return UserError(f"{name} is not a token file written by encode.py ({why}): "
@@ -140,7 +220,7 @@ def _load_npz(name, n_vocab):
     return arrays
 
 
-def _check_options(combine, encoding):
+def check_options(combine, encoding):
     if not isinstance(combine, int) or isinstance(combine, bool) or combine < 0:
         raise UserError(f"combine must be a whole number of characters >= 0, got {combine!r}")
     try:
@@ -162,7 +242,8 @@ def join_documents(documents, eot_token):
 def load_dataset(enc, path, combine=50000, encoding="utf-8", progress=True):
     """Token chunks from `path`: a file, a directory (walked recursively, sorted), or a glob.
 
-    `.npz` files (as encode.py writes) are loaded as they are; every other file is text in
+    `.npz` files (as encode.py writes) are loaded as they are, and shard directories (encode.py's
+    default) memory-mapped, each chunk a slice of a file; every other file is text in
     `encoding` (newlines normalized to "\\n") and one document. Each document encodes exactly
     as `enc.encode(text)`, once. Documents are joined with the real <|endoftext|> token id
     (`enc.eot_token`, 50256), never its characters, and gathered in order into chunks of at
@@ -176,20 +257,24 @@ def load_dataset(enc, path, combine=50000, encoding="utf-8", progress=True):
         progress: Show a progress bar over files on standard error (when it is a terminal).
 
     Returns:
-        A list of int32 1-D arrays: each .npz file's arrays as it is reached, each text chunk as it fills.
+        A list of 1-D integer arrays: each .npz file's or shard directory's chunks as it is
+        reached (int32, or the shards' own uint16), each text chunk (int32) as it fills.
 
     Raises:
         UserError: Nothing matches `path`, a file cannot be read or decoded, an .npz is not
             encode.py's, or the dataset holds no tokens at all.
     """
-    _check_options(combine, encoding)
+    check_options(combine, encoding)
     files = dataset_files(path)
     chunks, documents, chars = [], [], 0
     # A context manager closes the bar before an error propagates, so the error gets its own line.
     with tqdm.tqdm(files, desc="loading dataset", unit="file", disable=None if progress else True) as bar:
         for name in bar:
+            if shards.is_shard_dir(name):
+                chunks += shards.read_shards(name, enc.n_vocab)
+                continue
             if name.lower().endswith(".npz"):
-                chunks += _load_npz(name, enc.n_vocab)
+                chunks += load_npz(name, enc.n_vocab)
                 continue
             text = _read_text(name, encoding)
             if not text:
@@ -215,16 +300,19 @@ class TokenSampler:
     longer than the window). Chunks shorter than the window are never used.
 
     Args:
-        chunks: Token arrays, e.g. from `load_dataset`.
+        chunks: Token arrays, e.g. from `load_dataset`; memory-mapped ones stay on disk, since
+            only the windows drawn are read.
         seed: Seed of the numpy Generator; the same seed gives the same windows.
 
     Attributes:
-        chunks: The chunks as int32 arrays.
+        chunks: The chunks, as integer arrays of their own dtype.
         total_tokens: Tokens in all chunks.
     """
 
     def __init__(self, chunks, seed=None):
-        self.chunks = [np.asarray(c, dtype=np.int32) for c in chunks]
+        self.chunks = [np.asarray(c) for c in chunks]
+        if not all(np.issubdtype(c.dtype, np.integer) for c in self.chunks):
+            raise ValueError("chunks must hold integer token ids")
         self.lengths = np.array([len(c) for c in self.chunks], dtype=np.int64)
         self.total_tokens = int(self.lengths.sum())
         self.rng = np.random.default_rng(seed)
@@ -279,7 +367,7 @@ class TokenSampler:
         picks = self.rng.integers(total, size=batch_size)
         chunk = np.searchsorted(before, picks, side="right") - 1
         start = picks - before[chunk]
-        return np.stack([self.chunks[c][s:s + length] for c, s in zip(chunk, start)])
+        return np.stack([self.chunks[c][s:s + length] for c, s in zip(chunk, start)]).astype(np.int32, copy=False)
 
     def sample(self, length):
         """One window of `length` tokens: an int32 array [length]. See `batch`."""

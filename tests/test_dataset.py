@@ -250,3 +250,117 @@ def test_too_little_text_says_how_many_tokens(enc, tmp_path):
     with pytest.raises(UserError) as e:
         dataset.TokenSampler([np.array([1]), np.array([2])]).window_length(1024)
     one_line_error(e, "the dataset has 2 token(s)")
+
+
+def streamed(enc, path, encoding="utf-8", **sizes):
+    """What encode.py makes of one file from `stream_document`: its tokens, characters and bytes."""
+    tokens, chars, total = [], 0, 0
+    for piece, read in dataset.stream_document(path, encoding, **sizes):
+        total += read
+        if piece is None:
+            tokens.append(EOT)
+            chars += len(dataset.EOT_TEXT)
+        else:
+            tokens += enc.encode(piece)
+            chars += len(piece)
+    return tokens, chars, total
+
+
+def test_streamed_pieces_encode_exactly_as_the_whole_file(enc, tmp_path):
+    rng = random.Random(2)
+    # Reads of a few bytes split "\r\n", UTF-8 characters and separators between two reads.
+    alphabet = ["a", "bc", " ", "  ", "\n", "\n\n", " \n", "'s", "7", "!", "é", "\t", "日本", "\r", "\r\n",
+                "<|endoftext|>", "<|endof", "text|>", "\u00a0", "\u3000x"]
+    for case in range(60):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 150)))
+        path = write(tmp_path, {f"{case}.txt": text}) / f"{case}.txt"
+        normalized = text.replace("\r\n", "\n").replace("\r", "\n")
+        for read_bytes, piece_chars in [(1, 1), (3, 2), (7, 5), (64, 17), (1 << 20, 1 << 20)]:
+            tokens, chars, total = streamed(enc, path, read_bytes=read_bytes, piece_chars=piece_chars)
+            assert tokens == dataset.encode_document(enc, normalized).tolist(), (repr(text), read_bytes)
+            assert chars == len(normalized) and total == len(text.encode("utf-8"))
+
+
+def test_streaming_cuts_only_where_the_words_stay_the_same(enc):
+    rng = random.Random(3)
+    alphabet = ["a", "bc", " ", "  ", "\n", " \n", "'s", "'t", "7", "!", "é", "\t", "日本", "\u00a0", ".", "  x",
+                "\x85", "\x1c", "\u2028", "\u3000"]
+    unsafe_changed = 0
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 40)))
+        whole = enc.encode(text)
+        for cut in dataset.SAFE_CUT.finditer(text):
+            assert enc.encode(text[:cut.start()]) + enc.encode(text[cut.start():]) == whole, (repr(text), cut.start())
+        anywhere = rng.randrange(1, len(text))
+        unsafe_changed += enc.encode(text[:anywhere]) + enc.encode(text[anywhere:]) != whole
+    assert unsafe_changed > 20  # cuts elsewhere do change the ids: the check above has teeth
+
+
+def test_streaming_reports_undecodable_bytes_at_their_offset(tmp_path):
+    path = write(tmp_path, {"z.txt": b"x" * 10 + b"caf\xe9 ok"}) / "z.txt"
+    with pytest.raises(UserError) as e:
+        list(dataset.stream_document(path, "utf-8", read_bytes=4))
+    one_line_error(e, "z.txt is not valid utf-8 (byte 13", "use encoding latin-1")
+    with pytest.raises(UserError) as e:
+        list(dataset.stream_document(tmp_path / "missing.txt", "utf-8"))
+    one_line_error(e, "cannot read", "missing.txt")
+
+
+def test_a_shard_directory_is_one_dataset_entry(enc, tmp_path):
+    import shards
+
+    writer = shards.ShardWriter(str(tmp_path / "data" / "tokens"), str(tmp_path / "part"), enc.n_vocab)
+    writer.add_chunk(np.array([5, 6, 7]))
+    writer.finish()
+    write(tmp_path / "data", {"a.txt": "ay"})
+    assert dataset.dataset_files(tmp_path / "data") == [str(tmp_path / "data" / "a.txt"),
+                                                        str(tmp_path / "data" / "tokens")]
+    assert dataset.dataset_files(tmp_path / "data" / "tokens") == [str(tmp_path / "data" / "tokens")]
+    assert dataset.dataset_files(str(tmp_path / "data" / "t*")) == [str(tmp_path / "data" / "tokens")]
+    chunks = dataset.load_dataset(enc, tmp_path / "data", combine=0, progress=False)
+    assert [c.tolist() for c in chunks] == [enc.encode("ay"), [5, 6, 7]]
+
+
+def chi_square_rejects_uniform(counts, expected):
+    """Whether a chi-square test rejects that `counts` came from equal chances, at p ~ 1e-6
+    (the Wilson-Hilferty approximation of the critical value)."""
+    df = len(counts) - 1
+    statistic = sum((n - expected) ** 2 / expected for n in counts)
+    z = 4.75
+    return statistic > df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_sampler_over_memory_mapped_shards_draws_windows_uniformly(enc, tmp_path):
+    import shards
+
+    # Distinct ids, over several shards, a chunk deferred behind a streamed one, chunks of very
+    # different lengths: a draw uniform over chunks, or over shards, would show.
+    lengths = [40, 3, 9, 25, 2, 60, 7]
+    chunks = [np.arange(sum(lengths[:i]), sum(lengths[:i + 1])) for i in range(len(lengths))]
+    writer = shards.ShardWriter(str(tmp_path / "tokens"), str(tmp_path / "part"), enc.n_vocab, shard_tokens=30)
+    writer.add(chunks[0][:10])
+    writer.add_chunk(chunks[1])  # listed before chunk 0, written after it
+    writer.add(chunks[0][10:])
+    writer.end_chunk()
+    for chunk in chunks[2:]:
+        writer.add_chunk(chunk)
+    writer.finish()
+    assert writer.shard_count > 2
+    loaded = dataset.load_dataset(enc, tmp_path / "tokens", progress=False)
+    assert [c.tolist() for c in loaded] == [chunks[1].tolist(), chunks[0].tolist(), *[c.tolist() for c in chunks[2:]]]
+    length = 5
+    windows = [(int(c[0]) + s) for c in chunks for s in range(len(c) - length + 1)]
+    sampler = dataset.TokenSampler(loaded, seed=0)
+    draws = 200 * len(windows)
+    batch = sampler.batch(draws, length)
+    assert batch.dtype == np.int32
+    assert np.all(np.diff(batch, axis=1) == 1)  # contiguous, inside one chunk
+    counts = collections.Counter(batch[:, 0].tolist())
+    assert set(counts) == set(windows)
+    assert not chi_square_rejects_uniform([counts[w] for w in windows], 200)
+    # The same test rejects a draw uniform over chunks first, then over their windows.
+    rng = np.random.default_rng(0)
+    usable = [c for c in chunks if len(c) >= length]
+    biased = collections.Counter(int(c[0]) + int(rng.integers(len(c) - length + 1))
+                                 for c in (usable[i] for i in rng.integers(len(usable), size=draws)))
+    assert chi_square_rejects_uniform([biased[w] for w in windows], 200)
