@@ -64,13 +64,16 @@ def load(model_name="124M", models_dir="models", dtype="float32", engine="tf", p
         A `Model`.
     """
     runtime.configure_devices()
-    if engine == "auto":
-        engine = choose_engine(engine, dtype, checkpoint.load_hparams(hparams_lib.model_dir(model_name, models_dir)))
-    if choose_engine(engine, dtype) == "tf":
+    path = hparams = None
+    if engine == "auto":  # auto's choice depends on the model's size
+        path = hparams_lib.model_dir(model_name, models_dir)
+        hparams = checkpoint.load_hparams(path)
+    if choose_engine(engine, dtype, hparams) == "tf":
         lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
         return Model(lm, encoder_lib.Encoder.from_dir(lm.path))
-    path = hparams_lib.model_dir(model_name, models_dir)
-    hparams = checkpoint.load_hparams(path)
+    if hparams is None:
+        path = hparams_lib.model_dir(model_name, models_dir)
+        hparams = checkpoint.load_hparams(path)
     dtype = "float32" if dtype == "fp32" else dtype
 
     def load_lm():

@@ -80,7 +80,6 @@ def train_rate(model_dir, batch, length, steps, precision="float32", xla=True, o
     """Fine-tuning tokens/s (`optimizer`, in `precision`; LoRA adapters of `lora_rank` on every
     target when > 0) on batches of random windows, the best of `steps` steps after two warm-up
     steps (the first compiles), and the model trained."""
-    import numpy as np
     import tensorflow as tf
 
     import checkpoint
@@ -307,7 +306,6 @@ def _rss_mib(pid):
 
 
 def _percentiles(name, seconds):
-    import numpy as np
 
     seconds = [s for s in seconds if s is not None]
     return {f"{name}_p50_ms": float(np.percentile(seconds, 50)) * 1000,

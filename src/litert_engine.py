@@ -137,7 +137,7 @@ def cached_program(model_dir, dtype, load_lm, progress=True):
 
 
 def write_program(program, path):
-    """Writes flatbuffer bytes to `path` atomically: a temporary name, then a rename."""
+    """Writes bytes (a flatbuffer) to `path` atomically: a temporary name, then a rename."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     partial = f"{path}.partial-{os.getpid()}"
     try:
@@ -280,8 +280,6 @@ class Engine:
 def export_tflite(model_dir, out_dir, dtype="float32"):
     """Writes `model_dir`'s converted program as `out_dir/gpt2-<dtype>.tflite`, with hparams.json,
     encoder.json and vocab.bpe beside it, for LiteRT users; returns the program's path."""
-    import shutil
-
     import encoder
 
     if dtype not in DTYPES:
@@ -290,10 +288,11 @@ def export_tflite(model_dir, out_dir, dtype="float32"):
     program = convert(model.load_model(name, models_dir or "."), int8=dtype == "int8")
     target = os.path.join(out_dir, f"gpt2-{dtype}.tflite")
     write_program(program, target)
-    for source in [os.path.join(model_dir, "hparams.json")] + [
-            os.path.join(model_dir if os.path.exists(os.path.join(model_dir, f)) else encoder.default_vocab_dir(), f)
-            for f in ("encoder.json", "vocab.bpe")]:
-        partial = os.path.join(out_dir, os.path.basename(source) + ".partial")
-        shutil.copyfile(source, partial)
-        os.replace(partial, os.path.join(out_dir, os.path.basename(source)))
+    has_vocab = any(map(os.path.exists, encoder.vocab_files(model_dir))) or os.path.exists(
+        os.path.join(model_dir, encoder.TOKENIZER_FILE))
+    texts = encoder.vocab_texts(model_dir if has_vocab else encoder.default_vocab_dir())
+    # Released or Hugging Face directory alike, the export holds the released hparams and vocabulary.
+    files = dict(zip(encoder.VOCAB_FILES, texts), **{"hparams.json": checkpoint.load_hparams(model_dir).to_json()})
+    for name, text in files.items():
+        write_program(text.encode("utf-8"), os.path.join(out_dir, name))
     return target

@@ -239,6 +239,7 @@ class Sampler:
         self.host_loop = getattr(engine, "host_loop", False)
         if self.host_loop:
             self.prefill = engine.prefill
+            self._pick_concrete = None  # traced on the first chunk, not here
             self._pick_once = tf.function(self._pick, autograph=False, input_signature=[
                 tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool), Knobs.spec(),
                 processors.ControlTensors.spec(), processors.Tally.spec(), tf.TensorSpec([], tf.int32)])
@@ -320,7 +321,7 @@ class Sampler:
         pos, step, n_steps = int(pos), int(step), int(n_steps)
         done = tf.convert_to_tensor(done)
         # The concrete function skips matching the call to a signature: half the cost of a call.
-        pick = self._pick_once.get_concrete_function()
+        pick = self._pick_concrete = self._pick_concrete or self._pick_once.get_concrete_function()
         tokens, reports = [], []
         while len(tokens) < n_steps and not done.numpy().all():
             j = len(tokens)
