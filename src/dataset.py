@@ -116,7 +116,11 @@ def _read_text(name, encoding):
         text = data.decode(encoding)
     except UnicodeError as e:
         raise _not_decodable(name, encoding, e, 0) from None
-    # Universal newlines, as the fork's text-mode reads gave: Windows files train like the rest.
+    return _universal_newlines(text)
+
+
+def _universal_newlines(text):
+    """As the fork's text-mode reads gave: Windows files train like the rest."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -171,7 +175,7 @@ def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYT
             # A final "\r" may be the first half of a "\r\n": it waits for the next read.
             carry = "\r" if text.endswith("\r") and not final else ""
             text = text[:len(text) - len(carry)]
-            *parts, held = (held + text.replace("\r\n", "\n").replace("\r", "\n")).split(EOT_TEXT)
+            *parts, held = (held + _universal_newlines(text)).split(EOT_TEXT)
             for part in parts:
                 for piece in _pieces(part, piece_chars):
                     if piece:
@@ -184,12 +188,10 @@ def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYT
                     yield piece, unreported
                     unreported = 0
                 return
-            while len(held) > piece_chars:
-                cut = SAFE_CUT.search(held, piece_chars)
-                if cut is None:
-                    break
-                yield held[:cut.start()], unreported
-                held, unreported = held[cut.start():], 0
+            *ready, held = _pieces(held, piece_chars)
+            for piece in ready:
+                yield piece, unreported
+                unreported = 0
 
 
 def load_npz(name, n_vocab):
