@@ -17,7 +17,7 @@ import numpy as np
 
 import hf_format
 from encoder import DEFAULT_VOCAB_DIR as VOCAB_DIR
-from encoder import VOCAB_FILES, vocab_texts
+from encoder import vocab_texts, write_vocab
 from errors import UserError
 from hparams import HParams
 from runtime import tf
@@ -282,9 +282,7 @@ def write_model_dir(path, hparams, weights, vocab_dir=VOCAB_DIR):
             f.write('model_checkpoint_path: "model.ckpt"\nall_model_checkpoint_paths: "model.ckpt"\n')
         with open(os.path.join(staging, "hparams.json"), "w", encoding="utf-8") as f:
             f.write(hparams.to_json())
-        for text, name in zip(vocab_texts(vocab_dir), VOCAB_FILES):
-            with open(os.path.join(staging, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        write_vocab(staging, vocab_texts(vocab_dir))
         os.makedirs(path, exist_ok=True)
         # `checkpoint` goes last: until it is replaced, readers see the previous complete set.
         names = sorted(os.listdir(staging), key=lambda n: n == "checkpoint")

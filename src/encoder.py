@@ -318,6 +318,14 @@ def vocab_files(directory):
     return tuple(os.path.join(directory, name) for name in names)
 
 
+def write_vocab(directory, texts, names=VOCAB_FILES):
+    """Writes `vocab_texts`' two texts into `directory` under `names` (the released ones, or
+    Hugging Face's `HF_VOCAB_FILES`)."""
+    for text, name in zip(texts, names):
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def vocab_texts(directory, hint="download the model again with download_model.py"):
     """The texts of a directory's `encoder.json` and `vocab.bpe`, as they are in its two
     vocabulary files, or made from its tokenizer.json when it has only that."""

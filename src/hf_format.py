@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from encoder import HF_VOCAB_FILES as VOCAB_FILES
+from encoder import HF_VOCAB_FILES, write_vocab
 from encoder import TOKENIZER_FILE
 from errors import UserError
 from hparams import HParams
@@ -53,7 +53,7 @@ def missing_files(path):
     missing = [] if weights_file(path) else [WEIGHTS_FILE]
     if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):  # the vocabulary in one file, as transformers 5 saves it
         return missing
-    return missing + [name for name in VOCAB_FILES if not os.path.isfile(os.path.join(path, name))]
+    return missing + [name for name in HF_VOCAB_FILES if not os.path.isfile(os.path.join(path, name))]
 
 
 def read_hparams(path):
@@ -317,6 +317,4 @@ def write_files(directory, hparams, weights, vocab_texts):
     os.chmod(os.path.join(directory, WEIGHTS_FILE), 0o666 & ~umask)
     with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(json.dumps(config(hparams), indent=2) + "\n")
-    for text, name in zip(vocab_texts, VOCAB_FILES):
-        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-            f.write(text)
+    write_vocab(directory, vocab_texts, HF_VOCAB_FILES)
