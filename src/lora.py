@@ -151,10 +151,10 @@ class LoraGPT2(model.GPT2):
             replaced[field] = checkpoint.Dense(tf.cast(w, self.compute_dtype), getattr(block, field).b)
         return block._replace(**replaced)
 
-    def _block_of_variables(self, h, p, mask):
+    def recomputed_block(self, h, p, mask):
         # The merges depend on variables alone, so the executor would make every block's at once, up front.
         with tf.control_dependencies([h]):
-            return super()._block_of_variables(h, p, mask)
+            return super().recomputed_block(h, p, mask)
 
     def checkpoint_weights(self):
         """The merged weights in the released layout: what a save holds, and what every script loads."""

@@ -220,14 +220,15 @@ class GPT2(tf.Module):
         h = embed(w, tokens, positions[None, :])
         for variables, p in zip(self.layers.blocks, w.blocks):
             if recompute:  # reads its variables inside, so that their gradients flow
-                h = tf.recompute_grad(functools.partial(self._block_of_variables, p=variables, mask=mask))(h)
+                h = tf.recompute_grad(functools.partial(self.recomputed_block, p=variables, mask=mask))(h)
             else:
                 h = block(h, p, mask, n_head=self.hparams.n_head)[0]
         if skip_last:
             h = h[:, :-1]
         return logits(norm(h, w.ln_f), w.wte)
 
-    def _block_of_variables(self, h, p, mask):
+    def recomputed_block(self, h, p, mask):
+        """One block of training's recomputed pass, from its variables `p` (a subclass may order its reads)."""
         return block(h, self.read_block(p), mask, n_head=self.hparams.n_head)[0]
 
 
