@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import weakref
 
 import numpy as np
 
@@ -173,16 +174,19 @@ def quiet_stderr():
 
 
 class State:
-    """A stream's place in the engine: the cache itself lives in the interpreter's input buffers,
-    so only the newest state of an engine may be stepped."""
+    """A stream's cache in the engine. The newest state stepped lives in the interpreter's input
+    buffers, written in place; any other keeps its own copy (`saved`), which goes back into the
+    buffers, once, when it is stepped again."""
 
-    def __init__(self, batch, capacity):
+    def __init__(self, batch, capacity, saved=None):
         self.batch, self.capacity = batch, capacity
+        self.saved = saved  # (keys, values): per-layer arrays, or None while in the buffers
 
 
 class Engine:
     """Cached decoding on a LiteRT interpreter, with `decode.Decoder`'s interface run from the
-    host: `prefill` and `step` take and return numpy arrays, and `host_loop` tells the sampler so.
+    host: `prefill`, `step`, `rearrange` and `concat` take and return numpy arrays, and
+    `host_loop` tells the sampler and the batcher so.
 
     Args:
         program: Flatbuffer bytes or a path, from `convert`.
@@ -206,7 +210,7 @@ class Engine:
         self._logits, self._new_keys, self._new_values = (outs[f"output_{i}"] for i in range(3))
         self._layers = range(hparams.n_layer)
         self._shape = None
-        self._current = None
+        self._current = lambda: None  # a weak reference to the state in the buffers
 
     def _resize(self, batch, t, capacity):
         if self._shape == (batch, t, capacity):
@@ -224,12 +228,46 @@ class Engine:
     def _write(self, name, value):
         self._it.tensor(self._in[name])()[...] = value
 
+    def _cache_views(self):
+        """Views of the buffers: each layer's keys [B, H, C, D] and values [B, H, D, C]."""
+        return ([self._it.tensor(self._in[f"keys_{i}"])() for i in self._layers],
+                [self._it.tensor(self._in[f"values_{i}"])() for i in self._layers])
+
+    def _set_aside(self):
+        """Copies the state in the buffers out of them, if anything still holds it."""
+        current = self._current()
+        if current is not None and current.saved is None:
+            current.saved = tuple([view.copy() for view in views] for views in self._cache_views())
+        self._current = lambda: None
+
+    def _take_buffers(self, state, pad):
+        """Puts `state` (and its rows' padding) in the buffers, if it is not there already."""
+        if self._current() is state:
+            return
+        self._set_aside()
+        self._resize(state.batch, 1, state.capacity)
+        self._it.set_tensor(self._in["pad"], np.asarray(pad, np.int32))
+        self._fill(state.saved)
+        state.saved = None
+        self._current = weakref.ref(state)
+
+    def _fill(self, saved):
+        # The views die on return: the interpreter refuses to run while one is held.
+        for views, arrays in zip(self._cache_views(), saved):
+            for view, array in zip(views, arrays):
+                view[...] = array
+
+    def _arrays(self, state):
+        """A state's keys and values per layer, wherever they are (the buffers' are views)."""
+        return state.saved if state.saved is not None else self._cache_views()
+
     def prefill(self, tokens, pad, capacity):
         """Runs prompts tokens [B, T], left-padded by `pad` [B], into a new cache of `capacity`
         positions (at most n_ctx); the last position's logits [B, V] and the state."""
         tokens, pad = np.asarray(tokens, np.int32), np.asarray(pad, np.int32)
         batch, t = tokens.shape
         capacity = int(capacity)
+        self._set_aside()
         # The prompt runs beside an empty one-slot cache (masked out at pos 0), then the cache
         # takes the step's shapes; resizing reallocates the inputs, so their values are kept aside.
         self._resize(batch, t, 1)
@@ -240,29 +278,46 @@ class Engine:
         keys, values = keys.copy(), values.copy()
         self._resize(batch, 1, capacity)
         self._it.set_tensor(self._in["pad"], pad)
+        cached_keys, cached_values = self._cache_views()
         for i in self._layers:
-            cached_keys = self._it.tensor(self._in[f"keys_{i}"])()
-            cached_keys[...] = 0
-            cached_keys[:, :, :t] = keys[i]
-            del cached_keys
-            cached_values = self._it.tensor(self._in[f"values_{i}"])()
-            cached_values[...] = 0
-            cached_values[:, :, :, :t] = np.swapaxes(values[i], -1, -2)
-            del cached_values
-        self._current = State(batch, capacity)
-        return logits, self._current
+            cached_keys[i][...] = 0
+            cached_keys[i][:, :, :t] = keys[i]
+            cached_values[i][...] = 0
+            cached_values[i][:, :, :, :t] = np.swapaxes(values[i], -1, -2)
+        del cached_keys, cached_values
+        state = State(batch, capacity)
+        self._current = weakref.ref(state)
+        return logits, state
 
     def step(self, token, pos, pad, state):
         """One token per row, token [B] at position `pos`: next-token logits [B, V] and the state."""
-        if state is not self._current:
-            raise UserError("the LiteRT engine runs one stream at a time, and a newer one started: finish a "
-                            "stream before starting the next, or use engine tf")
+        self._take_buffers(state, pad)
         pos = int(pos)
         logits, keys, values = self._run(np.asarray(token, np.int32)[:, None], pos, None)
         for i in self._layers:
             self._it.tensor(self._in[f"keys_{i}"])()[:, :, pos] = keys[i, :, :, 0]
             self._it.tensor(self._in[f"values_{i}"])()[:, :, :, pos] = values[i, :, :, 0]
         return logits, state
+
+    def rearrange(self, state, batch, rows, start, capacity):
+        """`decode.KVCache.rearrange` on the host: a new state of `rows` of `state`, positions
+        start..start+capacity-1 as 0..capacity-1 (those it lacks copy a neighbour's, masked or
+        written before they are read)."""
+        rows = np.asarray(rows, np.int64)
+        positions = np.clip(np.arange(int(start), int(start) + int(capacity)), 0, state.capacity - 1)
+        keys, values = self._arrays(state)
+        return State(len(rows), int(capacity), ([k[rows][:, :, positions] for k in keys],
+                                                [v[rows][..., positions] for v in values]))
+
+    def concat(self, first, second, capacity):
+        """The rows of two states of `capacity` positions in one, first's rows first."""
+        (k1, v1), (k2, v2) = self._arrays(first), self._arrays(second)
+        return State(first.batch + second.batch, int(capacity),
+                     ([np.concatenate(pair) for pair in zip(k1, k2)], [np.concatenate(pair) for pair in zip(v1, v2)]))
+
+    def cache_bytes_per_position(self):
+        """What one row's cache takes per position: keys and values of every layer, float32."""
+        return 2 * self.hparams.n_layer * self.hparams.n_embd * 4
 
     def _run(self, tokens, pos, pad):
         it = self._it

@@ -54,22 +54,47 @@ def test_prefill_and_steps_match_the_tensorflow_engine(engines):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
 
-def test_a_prompt_filling_the_window_and_a_new_prefill_after_steps(engines):
+def test_a_prompt_filling_the_window_and_a_new_prefill_then_the_first_stream_again(engines):
     from runtime import tf
 
     tf_engine, lite, _ = engines
     n_ctx, n_vocab = tf_engine.hparams.n_ctx, tf_engine.hparams.n_vocab
-    tokens, pad = padded_prompts(n_vocab, [3])
-    _, state = lite.prefill(tokens, pad, 8)
-    lite.step(np.array([5], np.int32), 3, pad, state)
+    first_tokens, first_pad = padded_prompts(n_vocab, [3])
+    _, state = lite.prefill(first_tokens, first_pad, 8)
+    lite.step(np.array([5], np.int32), 3, first_pad, state)
     tokens, pad = padded_prompts(n_vocab, [n_ctx, n_ctx - 5], seed=2)
     want, _ = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(n_ctx))
     got, new_state = lite.prefill(tokens, pad, n_ctx)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
-    from errors import UserError
+    # The first stream goes on where it was, its cache set aside and put back.
+    _, tf_state = tf_engine.prefill(tf.constant(first_tokens), tf.constant(first_pad), tf.constant(8))
+    _, tf_state = tf_engine.step(tf.constant([5]), tf.constant(3), tf.constant(first_pad), tf_state)
+    want, _ = tf_engine.step(tf.constant([6]), tf.constant(4), tf.constant(first_pad), tf_state)
+    got, _ = lite.step(np.array([6], np.int32), 4, first_pad, state)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
-    with pytest.raises(UserError, match="one stream at a time"):
-        lite.step(np.array([5], np.int32), 4, pad[:1], state)
+
+def test_rows_moved_and_joined_decode_as_they_did_alone(engines):
+    from runtime import tf
+
+    tf_engine, lite, _ = engines
+    n_vocab = tf_engine.hparams.n_vocab
+    long, short = padded_prompts(n_vocab, [7], seed=1)[0], padded_prompts(n_vocab, [3], seed=2)[0]
+
+    def alone(x):  # the last position's logits of one full prefill, no cache moved
+        return tf_engine.prefill(tf.constant(x), tf.zeros([1], tf.int32), tf.constant(x.shape[1]))[0].numpy()[0]
+
+    # The short row, prefilled alone, moves right by 4 (its padding) and joins the long one.
+    _, first = lite.prefill(long[:, :6], np.zeros(1, np.int32), 7)
+    _, second = lite.prefill(short[:, :2], np.zeros(1, np.int32), 2)
+    state = lite.concat(lite.rearrange(first, 1, [0], 0, 7), lite.rearrange(second, 1, [0], -4, 7), 7)
+    # Dropping the long row and the short one's padding gives back a cache it steps alone on.
+    dropped = lite.rearrange(state, 2, [1], 4, 3)
+    logits, _ = lite.step(short[:, 2], 2, np.zeros(1, np.int32), dropped)
+    np.testing.assert_allclose(logits[0], alone(short), atol=1e-4)
+    logits, _ = lite.step(np.array([long[0, 6], short[0, 2]]), 6, np.array([0, 4], np.int32), state)
+    np.testing.assert_allclose(logits[0], alone(long), atol=1e-4)
+    np.testing.assert_allclose(logits[1], alone(short), atol=1e-4)
 
 
 CONTROLS = [dict(), dict(repetition_penalty=1.5), dict(presence_penalty=1.0, frequency_penalty=0.7),
