@@ -93,7 +93,7 @@ class Batcher:
 
     Args:
         engine: `decode.Decoder(lm)`, or another engine with `prefill`, `step`, `rearrange`,
-            `concat` and `cache_bytes_per_position`.
+            `concat` and `cache_bytes_per_position` (`litert_engine.Engine`, run from the host).
         eot_token: End-of-text: it ends a row (as the OpenAI API ends completions) and pads prompts.
         max_rows: Rows in a batch at most; with the window, this bounds the cache's memory.
     """
@@ -112,9 +112,12 @@ class Batcher:
         self.stats = collections.Counter()
         signature = [tf.TensorSpec([None, None], tf.float32), RowKnobs.spec(), tf.TensorSpec([], tf.int32)]
         self._first = tf.function(draw_rows, autograph=False, input_signature=signature)
-        self._advance = tf.function(self._step_and_draw, autograph=False, input_signature=[
-            tf.TensorSpec([None], tf.int32), engine.state_spec, tf.TensorSpec([], tf.int32),
-            tf.TensorSpec([None], tf.int32), *signature[1:]])
+        if getattr(engine, "host_loop", False):  # LiteRT: the step runs from Python, the draw compiled
+            self._advance = self._host_step_and_draw
+        else:
+            self._advance = tf.function(self._step_and_draw, autograph=False, input_signature=[
+                tf.TensorSpec([None], tf.int32), engine.state_spec, tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([None], tf.int32), *signature[1:]])
 
     def cache_bytes(self):
         """The most the running batch's cache holds: max_rows rows of the whole window."""
@@ -123,6 +126,10 @@ class Batcher:
     def _step_and_draw(self, token, state, pos, pad, knobs, n_logprobs):
         logits, state = self.engine.step(token, pos, pad, state)
         return draw_rows(logits, knobs, n_logprobs), state
+
+    def _host_step_and_draw(self, token, state, pos, pad, knobs, n_logprobs):
+        logits, state = self.engine.step(token, pos, pad, state)
+        return self._first(tf.constant(logits), knobs, n_logprobs), state
 
     def submit(self, rows):
         """Queues rows; they join the batch in order, between steps, as room allows."""
