@@ -22,28 +22,35 @@ from model import attention_input, block_output, norm
 from runtime import tf
 
 
-def step_signature(hparams):
-    """Input specs of the converted program: tokens, pos, pad, then each layer's keys
-    [B, H, capacity, D] and values stored transposed [B, H, D, capacity]."""
+def step_signature(hparams, layers=None):
+    """Input specs of a converted program holding `layers` (a range, all by default): tokens
+    [B, T] for the first program or the hidden state [B, T, d] before its first layer for a
+    later one, pos, pad, then each layer's keys [B, H, capacity, D] and values stored transposed
+    [B, H, D, capacity]."""
     h, d = hparams.n_head, hparams.head_dim
-    return ([tf.TensorSpec([None, None], tf.int32, name="tokens"), tf.TensorSpec([], tf.int32, name="pos"),
-             tf.TensorSpec([None], tf.int32, name="pad")]
-            + [tf.TensorSpec([None, h, None, d], tf.float32, name=f"keys_{i}") for i in range(hparams.n_layer)]
-            + [tf.TensorSpec([None, h, d, None], tf.float32, name=f"values_{i}") for i in range(hparams.n_layer)])
+    layers = range(hparams.n_layer) if layers is None else layers
+    first = (tf.TensorSpec([None, None], tf.int32, name="tokens") if layers.start == 0
+             else tf.TensorSpec([None, None, hparams.n_embd], tf.float32, name="hidden"))
+    return ([first, tf.TensorSpec([], tf.int32, name="pos"), tf.TensorSpec([None], tf.int32, name="pad")]
+            + [tf.TensorSpec([None, h, None, d], tf.float32, name=f"keys_{i}") for i in layers]
+            + [tf.TensorSpec([None, h, d, None], tf.float32, name=f"values_{i}") for i in layers])
 
 
-def step_program(lm):
-    """The function the converter takes: (tokens, pos, pad, *keys, *values) -> (logits [B, V],
+def step_program(lm, layers=None):
+    """The function the converter takes for `layers` (all by default): (tokens or hidden, pos,
+    pad, *keys, *values) -> (logits [B, V] after the last layer or the hidden state [B, T, d],
     new keys [L, B, H, T, D], new values [L, B, H, T, D])."""
     hp = lm.hparams
+    layers = range(hp.n_layer) if layers is None else layers
+    n = len(layers)
 
-    def run(tokens, pos, pad, *cache):
-        keys, values = cache[:hp.n_layer], cache[hp.n_layer:]
-        b, t = tf.shape(tokens)[0], tf.shape(tokens)[1]
+    def run(inputs, pos, pad, *cache):
+        keys, values = cache[:n], cache[n:]
+        b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
         capacity = tf.shape(keys[0])[2]
         query_pos = pos + tf.range(t)  # [T]
-        w = lm.read()
-        x = model.embed(w, tokens, tf.maximum(query_pos[None, :] - pad[:, None], 0))
+        w = lm.layers  # variables: a program reads, and so holds, only what it uses
+        x = model.embed(w, inputs, tf.maximum(query_pos[None, :] - pad[:, None], 0)) if layers.start == 0 else inputs
         x = tf.reshape(x, [b * t, hp.n_embd])  # rows, so each dense layer is one 2-D product
         # Keys before pos come from the cache, the rest are the new tokens' own.
         cached_pos = tf.range(capacity)
@@ -54,7 +61,7 @@ def step_program(lm):
         mask = model.Mask.of(tf.cast(tf.concat([keep_cached, keep_new], -1), tf.float32)[:, None])
         scale = tf.math.rsqrt(tf.constant(hp.head_dim, tf.float32))
         new_keys, new_values = [], []
-        for i, p in enumerate(w.blocks):
+        for i, p in enumerate(lm.read_block(w.blocks[j]) for j in layers):
             qkv = tf.reshape(attention_input(x, p), [b, t, 3, hp.n_head, hp.head_dim])
             q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # [B, H, T, D] each
             scores = tf.concat([tf.matmul(q, keys[i], transpose_b=True), tf.matmul(q, k, transpose_b=True)], -1)
@@ -64,15 +71,16 @@ def step_program(lm):
             x = block_output(x, tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [b * t, hp.n_embd]), p)
             new_keys.append(k)
             new_values.append(v)
-        last = tf.reshape(x, [b, t, hp.n_embd])[:, -1]
-        logits = model.logits(norm(last, w.ln_f), w.wte)
-        return logits, tf.stack(new_keys), tf.stack(new_values)
+        x = tf.reshape(x, [b, t, hp.n_embd])
+        if layers.stop < hp.n_layer:
+            return x, tf.stack(new_keys), tf.stack(new_values)
+        return model.logits(norm(x[:, -1], w.ln_f), w.wte), tf.stack(new_keys), tf.stack(new_values)
 
     return run
 
 
 # Bumped whenever the converted program changes, so older conversions count as stale.
-PROGRAM_VERSION = 1
+PROGRAM_VERSION = 2
 DTYPES = ("float32", "int8")
 # Where conversions are cached, inside the model's directory.
 CACHE_DIR = "litert"
@@ -82,11 +90,32 @@ CACHE_DIR = "litert"
 FLATBUFFER_LIMIT = 2 ** 31
 
 
+def split(hparams, dtype):
+    """The layers of each program, as ranges: one program when the model fits a flatbuffer
+    (float32 up to 355M, int8 every size), else as few as fit, the first holding the embeddings
+    too and the last the output projection (the token embedding again)."""
+    d, size = hparams.n_embd, 1 if dtype == "int8" else 4
+    room = 0.95 * FLATBUFFER_LIMIT
+    layer, embeddings = 12 * d * d * size, (hparams.n_vocab + hparams.n_ctx) * d * size
+    if embeddings + hparams.n_layer * layer < room:
+        return [range(hparams.n_layer)]
+    if hparams.n_vocab * d * size + layer > room:
+        raise UserError(f"a {dtype} layer and the embedding do not fit one LiteRT program: use engine tf")
+    pieces, start, used = [], 0, embeddings
+    for i in range(hparams.n_layer):
+        if used + layer > room:
+            pieces.append(range(start, i))
+            start, used = i, 0
+        used += layer
+    if used + hparams.n_vocab * d * size > room:  # the last keeps one layer beside the projection
+        pieces.append(range(start, hparams.n_layer - 1))
+        start = hparams.n_layer - 1
+    return pieces + [range(start, hparams.n_layer)]
+
+
 def fits(hparams, dtype):
-    """Whether a model's converted program fits one flatbuffer (float32: up to 355M; int8: 774M)."""
-    d = hparams.n_embd
-    weights = (hparams.n_vocab + hparams.n_ctx) * d + hparams.n_layer * 12 * d * d
-    return weights * (1 if dtype == "int8" else 4) < 0.95 * FLATBUFFER_LIMIT
+    """Whether a model's converted program fits one flatbuffer (float32: up to 355M; int8: all)."""
+    return len(split(hparams, dtype)) == 1
 
 
 def installed():
@@ -109,32 +138,41 @@ def cache_key(model_dir, dtype):
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
+def program_names(stem, pieces):
+    """File names of a conversion in `pieces` programs: stem.tflite, or stem-1of3.tflite..."""
+    if pieces == 1:
+        return [f"{stem}.tflite"]
+    return [f"{stem}-{k}of{pieces}.tflite" for k in range(1, pieces + 1)]
+
+
 def cached_program(model_dir, dtype, load_lm, progress=True):
-    """The path of `model_dir`'s conversion to `dtype`, converting it first if there is none for
-    the current weights (`load_lm()` gives the float32 `model.GPT2`); stale ones are removed."""
+    """The paths of `model_dir`'s conversion to `dtype` (one program, or several when it does not
+    fit one flatbuffer), converting it first if there is none for the current weights
+    (`load_lm()` gives the float32 `model.GPT2`); stale ones are removed."""
     from tqdm import tqdm
 
     folder = os.path.join(model_dir, CACHE_DIR)
-    target = os.path.join(folder, f"{dtype}-{cache_key(model_dir, dtype)}.tflite")
-    if os.path.exists(target):
-        return target
-    with tqdm(total=3, desc=f"converting to LiteRT {dtype} (once)", unit="stage",
+    pieces = split(checkpoint.load_hparams(model_dir), dtype)
+    targets = [os.path.join(folder, name) for name in program_names(f"{dtype}-{cache_key(model_dir, dtype)}", len(pieces))]
+    if all(map(os.path.exists, targets)):
+        return targets
+    with tqdm(total=1 + len(pieces), desc=f"converting to LiteRT {dtype} (once)", unit="stage",
               disable=None if progress else True) as bar:  # None: shown on a terminal only
         lm = load_lm()
         bar.update()
-        program = convert(lm, int8=dtype == "int8")
-        del lm
-        bar.update()
-        try:
-            write_program(program, target)
-        except OSError as e:
-            raise UserError(f"cannot cache the LiteRT conversion in {folder} ({e.strerror}): make it writable, "
-                            "or use engine tf") from None
+        for layers, target in zip(pieces, targets):
+            program = convert(lm, int8=dtype == "int8", layers=layers)
+            try:
+                write_program(program, target)
+            except OSError as e:
+                raise UserError(f"cannot cache the LiteRT conversion in {folder} ({e.strerror}): make it writable, "
+                                "or use engine tf") from None
+            del program
+            bar.update()
         for stale in glob.glob(os.path.join(glob.escape(folder), f"{dtype}-*.tflite")):
-            if stale != target:
+            if stale not in targets:
                 os.remove(stale)
-        bar.update()
-    return target
+    return targets
 
 
 def write_program(program, path):
@@ -150,9 +188,10 @@ def write_program(program, path):
             os.remove(partial)
 
 
-def convert(lm, int8=False):
-    """The converted program as flatbuffer bytes; int8 quantizes the weights (dynamic range)."""
-    fn = tf.function(step_program(lm), autograph=False, input_signature=step_signature(lm.hparams))
+def convert(lm, int8=False, layers=None):
+    """The converted program of `layers` (all by default) as flatbuffer bytes; int8 quantizes
+    the weights (dynamic range)."""
+    fn = tf.function(step_program(lm, layers), autograph=False, input_signature=step_signature(lm.hparams, layers))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], lm)
     if int8:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -183,55 +222,82 @@ class State:
         self.saved = saved  # (keys, values): per-layer arrays, or None while in the buffers
 
 
+class Piece:
+    """One program of the model: its interpreter and the indices of its inputs and outputs."""
+
+    def __init__(self, program, num_threads):
+        from ai_edge_litert.interpreter import Interpreter
+
+        source = dict(model_content=program) if isinstance(program, bytes) else dict(model_path=program)
+        with quiet_stderr():  # the interpreter logs an INFO line as it applies its delegate
+            self.it = Interpreter(**source, num_threads=num_threads)
+            self.it.allocate_tensors()
+        runner = self.it.get_signature_runner()
+        self.inputs = {name: d["index"] for name, d in runner.get_input_details().items()}
+        outs = {name: d["index"] for name, d in runner.get_output_details().items()}
+        self.outputs = [outs[f"output_{i}"] for i in range(3)]  # logits or hidden, new keys, new values
+        self.first = "tokens" in self.inputs
+        self.layers = sorted(int(name[len("keys_"):]) for name in self.inputs if name.startswith("keys_"))
+
+    def view(self, name):
+        """A numpy view of an input buffer; the interpreter refuses to run while one is held."""
+        return self.it.tensor(self.inputs[name])()
+
+    def run(self, inputs, pos, pad):
+        it = self.it
+        it.set_tensor(self.inputs["tokens" if self.first else "hidden"], inputs)
+        it.set_tensor(self.inputs["pos"], np.int32(pos))
+        if pad is not None:
+            it.set_tensor(self.inputs["pad"], pad)
+        it.invoke()
+        return [it.get_tensor(i) for i in self.outputs]
+
+
 class Engine:
-    """Cached decoding on a LiteRT interpreter, with `decode.Decoder`'s interface run from the
+    """Cached decoding on LiteRT interpreters, with `decode.Decoder`'s interface run from the
     host: `prefill`, `step`, `rearrange` and `concat` take and return numpy arrays, and
-    `host_loop` tells the sampler and the batcher so.
+    `host_loop` tells the sampler and the batcher so. A model too large for one flatbuffer runs
+    as several programs in turn, each holding some layers and their cache.
 
     Args:
-        program: Flatbuffer bytes or a path, from `convert`.
+        programs: Flatbuffer bytes or a path from `convert`, or a list of them in layer order.
         hparams: The model's `HParams`.
     """
 
     host_loop = True
 
-    def __init__(self, program, hparams, num_threads=None):
-        from ai_edge_litert.interpreter import Interpreter
-
+    def __init__(self, programs, hparams, num_threads=None):
         self.hparams = hparams
         self.state_spec = None
-        source = dict(model_content=program) if isinstance(program, bytes) else dict(model_path=program)
-        with quiet_stderr():  # the interpreter logs an INFO line as it applies its delegate
-            self._it = Interpreter(**source, num_threads=num_threads or len(os.sched_getaffinity(0)))
-            self._it.allocate_tensors()
-        runner = self._it.get_signature_runner()
-        self._in = {name: d["index"] for name, d in runner.get_input_details().items()}
-        outs = {name: d["index"] for name, d in runner.get_output_details().items()}
-        self._logits, self._new_keys, self._new_values = (outs[f"output_{i}"] for i in range(3))
-        self._layers = range(hparams.n_layer)
+        programs = programs if isinstance(programs, (list, tuple)) else [programs]
+        threads = num_threads or len(os.sched_getaffinity(0))
+        self._pieces = [Piece(program, threads) for program in programs]
+        # Each layer's cache buffers, as (piece, keys name, values name).
+        self._slots = [(piece, f"keys_{i}", f"values_{i}") for piece in self._pieces for i in piece.layers]
+        if [int(k[len("keys_"):]) for _, k, _ in self._slots] != list(range(hparams.n_layer)):
+            raise UserError(f"the LiteRT programs do not hold the model's {hparams.n_layer} layers in order: "
+                            "convert it again (delete its litert folder)")
         self._shape = None
         self._current = lambda: None  # a weak reference to the state in the buffers
 
     def _resize(self, batch, t, capacity):
         if self._shape == (batch, t, capacity):
             return
-        h, d = self.hparams.n_head, self.hparams.head_dim
-        it = self._it
-        it.resize_tensor_input(self._in["tokens"], [batch, t])
-        it.resize_tensor_input(self._in["pad"], [batch])
-        for i in self._layers:
-            it.resize_tensor_input(self._in[f"keys_{i}"], [batch, h, capacity, d])
-            it.resize_tensor_input(self._in[f"values_{i}"], [batch, h, d, capacity])
-        it.allocate_tensors()
+        h, d, e = self.hparams.n_head, self.hparams.head_dim, self.hparams.n_embd
+        for piece in self._pieces:
+            it = piece.it
+            it.resize_tensor_input(piece.inputs["tokens"] if piece.first else piece.inputs["hidden"],
+                                   [batch, t] if piece.first else [batch, t, e])
+            it.resize_tensor_input(piece.inputs["pad"], [batch])
+            for i in piece.layers:
+                it.resize_tensor_input(piece.inputs[f"keys_{i}"], [batch, h, capacity, d])
+                it.resize_tensor_input(piece.inputs[f"values_{i}"], [batch, h, d, capacity])
+            it.allocate_tensors()
         self._shape = (batch, t, capacity)
-
-    def _write(self, name, value):
-        self._it.tensor(self._in[name])()[...] = value
 
     def _cache_views(self):
         """Views of the buffers: each layer's keys [B, H, C, D] and values [B, H, D, C]."""
-        return ([self._it.tensor(self._in[f"keys_{i}"])() for i in self._layers],
-                [self._it.tensor(self._in[f"values_{i}"])() for i in self._layers])
+        return [piece.view(k) for piece, k, _ in self._slots], [piece.view(v) for piece, _, v in self._slots]
 
     def _set_aside(self):
         """Copies the state in the buffers out of them, if anything still holds it."""
@@ -246,7 +312,8 @@ class Engine:
             return
         self._set_aside()
         self._resize(state.batch, 1, state.capacity)
-        self._it.set_tensor(self._in["pad"], np.asarray(pad, np.int32))
+        for piece in self._pieces:
+            piece.it.set_tensor(piece.inputs["pad"], np.asarray(pad, np.int32))
         self._fill(state.saved)
         state.saved = None
         self._current = weakref.ref(state)
@@ -261,6 +328,15 @@ class Engine:
         """A state's keys and values per layer, wherever they are (the buffers' are views)."""
         return state.saved if state.saved is not None else self._cache_views()
 
+    def _run(self, tokens, pos, pad):
+        """Every program in turn: the logits [B, V] and each layer's new keys and values [B, H, T, D]."""
+        x, keys, values = tokens, [], []
+        for piece in self._pieces:
+            x, new_keys, new_values = piece.run(x, pos, pad)
+            keys.extend(new_keys)
+            values.extend(new_values)
+        return x, keys, values
+
     def prefill(self, tokens, pad, capacity):
         """Runs prompts tokens [B, T], left-padded by `pad` [B], into a new cache of `capacity`
         positions (at most n_ctx); the last position's logits [B, V] and the state."""
@@ -271,18 +347,15 @@ class Engine:
         # The prompt runs beside an empty one-slot cache (masked out at pos 0), then the cache
         # takes the step's shapes; resizing reallocates the inputs, so their values are kept aside.
         self._resize(batch, t, 1)
-        for i in self._layers:
-            self._write(f"keys_{i}", 0)
-            self._write(f"values_{i}", 0)
+        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
         logits, keys, values = self._run(tokens, 0, pad)
-        keys, values = keys.copy(), values.copy()
         self._resize(batch, 1, capacity)
-        self._it.set_tensor(self._in["pad"], pad)
+        for piece in self._pieces:
+            piece.it.set_tensor(piece.inputs["pad"], pad)
+        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
         cached_keys, cached_values = self._cache_views()
-        for i in self._layers:
-            cached_keys[i][...] = 0
+        for i in range(len(self._slots)):
             cached_keys[i][:, :, :t] = keys[i]
-            cached_values[i][...] = 0
             cached_values[i][:, :, :, :t] = np.swapaxes(values[i], -1, -2)
         del cached_keys, cached_values
         state = State(batch, capacity)
@@ -294,9 +367,9 @@ class Engine:
         self._take_buffers(state, pad)
         pos = int(pos)
         logits, keys, values = self._run(np.asarray(token, np.int32)[:, None], pos, None)
-        for i in self._layers:
-            self._it.tensor(self._in[f"keys_{i}"])()[:, :, pos] = keys[i, :, :, 0]
-            self._it.tensor(self._in[f"values_{i}"])()[:, :, :, pos] = values[i, :, :, 0]
+        for (piece, k, v), new_keys, new_values in zip(self._slots, keys, values):
+            piece.view(k)[:, :, pos] = new_keys[:, :, 0]
+            piece.view(v)[:, :, :, pos] = new_values[:, :, 0]
         return logits, state
 
     def rearrange(self, state, batch, rows, start, capacity):
@@ -319,30 +392,24 @@ class Engine:
         """What one row's cache takes per position: keys and values of every layer, float32."""
         return 2 * self.hparams.n_layer * self.hparams.n_embd * 4
 
-    def _run(self, tokens, pos, pad):
-        it = self._it
-        it.set_tensor(self._in["tokens"], tokens)
-        it.set_tensor(self._in["pos"], np.int32(pos))
-        if pad is not None:
-            it.set_tensor(self._in["pad"], pad)
-        it.invoke()
-        return it.get_tensor(self._logits), it.get_tensor(self._new_keys), it.get_tensor(self._new_values)
-
     def traces(self):
         return {}
 
 
 def export_tflite(model_dir, out_dir, dtype="float32"):
-    """Writes `model_dir`'s converted program as `out_dir/gpt2-<dtype>.tflite`, with hparams.json,
-    encoder.json and vocab.bpe beside it, for LiteRT users; returns the program's path."""
+    """Writes `model_dir`'s converted program as `out_dir/gpt2-<dtype>.tflite` (or, when it does
+    not fit one flatbuffer, `gpt2-<dtype>-1of<n>.tflite`... to run in turn), with hparams.json,
+    encoder.json and vocab.bpe beside it, for LiteRT users; returns the programs' paths."""
     import encoder
 
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)} for tflite, got {dtype!r}")
     models_dir, name = os.path.split(os.path.normpath(model_dir))
-    program = convert(model.load_model(name, models_dir or "."), int8=dtype == "int8")
-    target = os.path.join(out_dir, f"gpt2-{dtype}.tflite")
-    write_program(program, target)
+    lm = model.load_model(name, models_dir or ".")
+    pieces = split(lm.hparams, dtype)
+    targets = [os.path.join(out_dir, f) for f in program_names(f"gpt2-{dtype}", len(pieces))]
+    for layers, target in zip(pieces, targets):
+        write_program(convert(lm, int8=dtype == "int8", layers=layers), target)
     has_vocab = any(map(os.path.exists, encoder.vocab_files(model_dir))) or os.path.exists(
         os.path.join(model_dir, encoder.TOKENIZER_FILE))
     texts = encoder.vocab_texts(model_dir if has_vocab else encoder.default_vocab_dir())
@@ -350,4 +417,4 @@ def export_tflite(model_dir, out_dir, dtype="float32"):
     files = dict(zip(encoder.VOCAB_FILES, texts), **{"hparams.json": checkpoint.load_hparams(model_dir).to_json()})
     for name, text in files.items():
         write_program(text.encode("utf-8"), os.path.join(out_dir, name))
-    return target
+    return targets

@@ -168,7 +168,7 @@ def test_conversion_is_cached_and_redone_when_the_weights_change(models_dir, mon
     cached = glob.glob(os.path.join(folder, "*"))
     assert len(cached) == 1 and os.path.basename(cached[0]).startswith("float32-")
 
-    def no_conversion(lm, int8=False):
+    def no_conversion(lm, int8=False, layers=None):
         raise AssertionError("converted again although the cache is current")
 
     with monkeypatch.context() as m:
@@ -186,6 +186,45 @@ def test_conversion_is_cached_and_redone_when_the_weights_change(models_dir, mon
     assert len(now) == 1 and now != cached
     reference = api.load("tiny", models_dir, engine="tf")
     assert fresh.generate("Hi", 8, temperature=0) == reference.generate("Hi", 8, temperature=0)
+
+
+def test_a_model_past_one_flatbuffer_runs_as_programs_in_turn(tmp_path, monkeypatch):
+    import api
+    import checkpoint
+    import decode
+    import export
+    import litert_engine
+    import model
+    from hparams import HParams
+    from runtime import tf
+
+    hp = HParams(**OTHER_HPARAMS)
+    checkpoint.write_random_model(str(tmp_path / "m"), hp, seed=3, std=0.2)
+    # A flatbuffer as small as the embeddings and one and a half float32 layers.
+    embeddings, layer = (hp.n_vocab + hp.n_ctx) * hp.n_embd * 4, 12 * hp.n_embd ** 2 * 4
+    monkeypatch.setattr(litert_engine, "FLATBUFFER_LIMIT", (embeddings + 1.5 * layer) / 0.95)
+    assert litert_engine.split(hp, "float32") == [range(0, 1), range(1, 2), range(2, 3)]
+    assert litert_engine.split(hp, "int8") == [range(0, 3)]
+    assert api.choose_engine("auto", "float32", hp) == "tf"  # not measured split: auto keeps TensorFlow
+
+    gpt = api.load("m", str(tmp_path), engine="litert", progress=False)
+    names = sorted(os.listdir(tmp_path / "m" / "litert"))
+    assert [n.split("-")[-1] for n in names] == ["1of3.tflite", "2of3.tflite", "3of3.tflite"]
+    tf_engine = decode.Decoder(model.load_model("m", str(tmp_path)))
+    tokens, pad = padded_prompts(hp.n_vocab, [5, 2])
+    want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(hp.n_ctx))
+    got, state = gpt.engine.prefill(tokens, pad, hp.n_ctx)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    for pos, token in zip(range(5, 9), ([1, 2], [3, 4], [5, 6], [7, 8])):
+        want, tf_state = tf_engine.step(tf.constant(token), tf.constant(pos), tf.constant(pad), tf_state)
+        got, state = gpt.engine.step(np.array(token, np.int32), pos, pad, state)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    assert gpt.generate("Hi", 8, temperature=0) == api.load("m", str(tmp_path)).generate("Hi", 8, temperature=0)
+
+    export.export("tflite", "m", str(tmp_path), out=str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["encoder.json", "gpt2-float32-1of3.tflite",
+                                                    "gpt2-float32-2of3.tflite", "gpt2-float32-3of3.tflite",
+                                                    "hparams.json", "vocab.bpe"]
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
