@@ -222,6 +222,30 @@ class State:
         self.saved = saved  # (keys, values): per-layer arrays, or None while in the buffers
 
 
+def release_mapped_pages(path):
+    """Drops from this process's memory the pages of a program file the interpreter mapped, once
+    it has packed the weights for its kernels and reads them no more: the kernel reads any page
+    touched again back from the file, so nothing changes but the memory held (Linux only)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    path = os.path.realpath(path)
+    for line in maps:
+        fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode, path
+        if len(fields) == 6 and fields[5] == path and "w" not in fields[1]:  # never a page it wrote
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            madvise(start, end - start, MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4
+
+
 class Piece:
     """One program of the model: its interpreter and the indices of its inputs and outputs."""
 
@@ -232,6 +256,8 @@ class Piece:
         with quiet_stderr():  # the interpreter logs an INFO line as it applies its delegate
             self.it = Interpreter(**source, num_threads=num_threads)
             self.it.allocate_tensors()
+        if not isinstance(program, bytes):
+            release_mapped_pages(program)
         runner = self.it.get_signature_runner()
         self.inputs = {name: d["index"] for name, d in runner.get_input_details().items()}
         outs = {name: d["index"] for name, d in runner.get_output_details().items()}
