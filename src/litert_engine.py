@@ -22,88 +22,65 @@ from model import attention_input, block_output, norm
 from runtime import tf
 
 
-# The prompt's pass runs in chunks of this many tokens (the last one padded at its end), so both
-# programs have static time steps: no shapes are computed at run time, which made each new
-# shape's first run cost up to seconds.
-CHUNK = 32
-# Each program holds two signatures over the same weights, one token a row and a chunk; the
-# interpreter's primary subgraph, whose buffers the engine writes in place, is the first by name.
-SIGNATURES = {"decode": 1, "prefill": CHUNK}
-
-
-def step_signature(hparams, layers=None, t=1):
-    """Input specs of a converted program holding `layers` (a range, all by default) for `t` new
-    tokens a row: tokens [B, t] and their positions [B, t] for the first program, or the hidden
-    state [B, t, d] before its first layer for a later one; the attention bias [B, 1, t, C + t]
-    (0 to attend, -1e10 not, over the C cached positions then the new ones); the last
-    program's `last`, which new token's logits to return; each layer's keys [B, H, C, D] and
-    values stored transposed [B, H, D, C]."""
+def step_signature(hparams, layers=None):
+    """Input specs of a converted program holding `layers` (a range, all by default): tokens
+    [B, T] for the first program or the hidden state [B, T, d] before its first layer for a
+    later one, pos, pad, then each layer's keys [B, H, capacity, D] and values stored transposed
+    [B, H, D, capacity]."""
     h, d = hparams.n_head, hparams.head_dim
     layers = range(hparams.n_layer) if layers is None else layers
-    inputs = ([tf.TensorSpec([None, t], tf.int32, name="tokens"), tf.TensorSpec([None, t], tf.int32, name="positions")]
-              if layers.start == 0 else [tf.TensorSpec([None, t, hparams.n_embd], tf.float32, name="hidden")])
-    inputs.append(tf.TensorSpec([None, 1, t, None], tf.float32, name="bias"))
-    if layers.stop == hparams.n_layer:
-        inputs.append(tf.TensorSpec([], tf.int32, name="last"))
-    return (inputs + [tf.TensorSpec([None, h, None, d], tf.float32, name=f"keys_{i}") for i in layers]
+    first = (tf.TensorSpec([None, None], tf.int32, name="tokens") if layers.start == 0
+             else tf.TensorSpec([None, None, hparams.n_embd], tf.float32, name="hidden"))
+    return ([first, tf.TensorSpec([], tf.int32, name="pos"), tf.TensorSpec([None], tf.int32, name="pad")]
+            + [tf.TensorSpec([None, h, None, d], tf.float32, name=f"keys_{i}") for i in layers]
             + [tf.TensorSpec([None, h, d, None], tf.float32, name=f"values_{i}") for i in layers])
 
 
-def step_program(lm, layers=None, t=1):
-    """The function the converter takes (inputs as `step_signature` says) -> (the logits [B, V]
-    of new token `last` after the last layer, or the hidden state [B, t, d]; new keys
-    [L, B, H, t, D]; new values [L, B, H, t, D])."""
+def step_program(lm, layers=None):
+    """The function the converter takes for `layers` (all by default): (tokens or hidden, pos,
+    pad, *keys, *values) -> (logits [B, V] after the last layer or the hidden state [B, T, d],
+    new keys [L, B, H, T, D], new values [L, B, H, T, D])."""
     hp = lm.hparams
     layers = range(hp.n_layer) if layers is None else layers
-    n_inputs = (2 if layers.start == 0 else 1) + 1 + (layers.stop == hp.n_layer)
+    n = len(layers)
 
-    def run(*args):
-        inputs, cache = args[:n_inputs], args[n_inputs:]
-        keys, values = cache[:len(layers)], cache[len(layers):]
+    def run(inputs, pos, pad, *cache):
+        keys, values = cache[:n], cache[n:]
+        b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
+        capacity = tf.shape(keys[0])[2]
+        query_pos = pos + tf.range(t)  # [T]
         w = lm.layers  # variables: a program reads, and so holds, only what it uses
-        x = model.embed(w, inputs[0], inputs[1]) if layers.start == 0 else inputs[0]
-        bias = inputs[2 if layers.start == 0 else 1]
-        x = tf.reshape(x, [-1, hp.n_embd])  # rows, so each dense layer is one 2-D product
+        x = model.embed(w, inputs, tf.maximum(query_pos[None, :] - pad[:, None], 0)) if layers.start == 0 else inputs
+        x = tf.reshape(x, [b * t, hp.n_embd])  # rows, so each dense layer is one 2-D product
+        # Keys before pos come from the cache, the rest are the new tokens' own.
+        cached_pos = tf.range(capacity)
+        keep_cached = tf.logical_and(cached_pos[None, None, :] < pos, cached_pos[None, None, :] >= pad[:, None, None])
+        keep_cached = tf.broadcast_to(keep_cached, tf.stack([b, t, capacity]))  # [B, T, C]
+        keep_new = tf.logical_and(query_pos[None, None, :] <= query_pos[None, :, None],
+                                  query_pos[None, None, :] >= pad[:, None, None])  # [B, T, T]
+        mask = model.Mask.of(tf.cast(tf.concat([keep_cached, keep_new], -1), tf.float32)[:, None])
         scale = tf.math.rsqrt(tf.constant(hp.head_dim, tf.float32))
         new_keys, new_values = [], []
         for i, p in enumerate(lm.read_block(w.blocks[j]) for j in layers):
-            qkv = tf.reshape(attention_input(x, p), [-1, t, 3, hp.n_head, hp.head_dim])
-            q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # [B, H, t, D] each
-            # Keys before the new tokens come from the cache, the rest are their own.
+            qkv = tf.reshape(attention_input(x, p), [b, t, 3, hp.n_head, hp.head_dim])
+            q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # [B, H, T, D] each
             scores = tf.concat([tf.matmul(q, keys[i], transpose_b=True), tf.matmul(q, k, transpose_b=True)], -1)
-            old, new = tf.split(model.softmax(scores * scale + bias), [-1, t], axis=-1)  # the reference's mask
-            a = tf.matmul(old, values[i], transpose_b=True) + tf.matmul(new, v)  # [B, H, t, D]
-            x = block_output(x, tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [-1, hp.n_embd]), p)
+            weights = model.softmax(scores * scale * mask.keep + mask.bias)  # [B, H, T, C + T]
+            old, new = weights[..., :capacity], weights[..., capacity:]
+            a = tf.matmul(old, values[i], transpose_b=True) + tf.matmul(new, v)  # [B, H, T, D]
+            x = block_output(x, tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [b * t, hp.n_embd]), p)
             new_keys.append(k)
             new_values.append(v)
-        x = tf.reshape(x, [-1, t, hp.n_embd])
+        x = tf.reshape(x, [b, t, hp.n_embd])
         if layers.stop < hp.n_layer:
             return x, tf.stack(new_keys), tf.stack(new_values)
-        last = tf.gather(x, inputs[-1], axis=1)
-        return model.logits(norm(last, w.ln_f), w.wte), tf.stack(new_keys), tf.stack(new_values)
+        return model.logits(norm(x[:, -1], w.ln_f), w.wte), tf.stack(new_keys), tf.stack(new_values)
 
     return run
 
 
-def attention_bias(pad, pos, t, capacity):
-    """The bias [B, 1, t, capacity + t] for `t` new tokens at positions pos.. after a cache of
-    `capacity` slots, rows left-padded by `pad` [B]: a new token attends to the cached positions
-    pad..pos-1 and to itself and the new tokens before it, past the padding."""
-    cached = np.arange(capacity)[None, None, :]
-    query, key = pos + np.arange(t)[None, :, None], pos + np.arange(t)[None, None, :]
-    pad = np.asarray(pad)[:, None, None]
-    keep = np.concatenate([np.broadcast_to((cached < pos) & (cached >= pad), (len(pad), t, capacity)),
-                           (key <= query) & (key >= pad)], axis=-1)
-    return np.where(keep, np.float32(0), np.float32(-1e10))[:, None]
-
-
-def token_positions(pad, pos, t):
-    """Each new token's position embedding index [B, t]: counted from the end of its padding."""
-    return np.maximum(pos + np.arange(t)[None, :] - np.asarray(pad)[:, None], 0).astype(np.int32)
-
-
 # Bumped whenever the converted program changes, so older conversions count as stale.
-PROGRAM_VERSION = 3
+PROGRAM_VERSION = 2
 DTYPES = ("float32", "int8")
 # Where conversions are cached, inside the model's directory.
 CACHE_DIR = "litert"
@@ -212,15 +189,10 @@ def write_program(program, path):
 
 
 def convert(lm, int8=False, layers=None):
-    """The converted program of `layers` (all by default), its `SIGNATURES` sharing the weights,
-    as flatbuffer bytes; int8 quantizes the weights (dynamic range)."""
-    functions = []
-    for name, t in SIGNATURES.items():
-        run = step_program(lm, layers, t)
-        run.__name__ = name  # the signature's key
-        functions.append(tf.function(run, autograph=False, input_signature=step_signature(lm.hparams, layers, t))
-                         .get_concrete_function())
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(functions, lm)
+    """The converted program of `layers` (all by default) as flatbuffer bytes; int8 quantizes
+    the weights (dynamic range)."""
+    fn = tf.function(step_program(lm, layers), autograph=False, input_signature=step_signature(lm.hparams, layers))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], lm)
     if int8:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     return converter.convert()
@@ -275,8 +247,7 @@ MADV_DONTNEED = 4
 
 
 class Piece:
-    """One program of the model: its interpreter and the step signature's inputs and outputs (in
-    the primary subgraph, whose buffers are written in place); `chunk` runs the prefill one."""
+    """One program of the model: its interpreter and the indices of its inputs and outputs."""
 
     def __init__(self, program, num_threads):
         from ai_edge_litert.interpreter import Interpreter
@@ -287,40 +258,23 @@ class Piece:
             self.it.allocate_tensors()
         if not isinstance(program, bytes):
             release_mapped_pages(program)
-        if sorted(self.it.get_signature_list()) != sorted(SIGNATURES):
-            raise UserError("this LiteRT program is of an older version: delete the model's litert folder to "
-                            "convert it again")
-        step = self.it.get_signature_runner("decode")
-        self.inputs = {name: d["index"] for name, d in step.get_input_details().items()}
-        if not all(d["name"].startswith("decode_") for d in self.it.get_input_details()):
-            raise UserError("this LiteRT program's primary signature is not decode: convert it again")
-        outs = {name: d["index"] for name, d in step.get_output_details().items()}
+        runner = self.it.get_signature_runner()
+        self.inputs = {name: d["index"] for name, d in runner.get_input_details().items()}
+        outs = {name: d["index"] for name, d in runner.get_output_details().items()}
         self.outputs = [outs[f"output_{i}"] for i in range(3)]  # logits or hidden, new keys, new values
-        self.first, self.last = "tokens" in self.inputs, "last" in self.inputs
+        self.first = "tokens" in self.inputs
         self.layers = sorted(int(name[len("keys_"):]) for name in self.inputs if name.startswith("keys_"))
 
     def view(self, name):
-        """A numpy view of a step input's buffer; the interpreter refuses to run while one is held."""
+        """A numpy view of an input buffer; the interpreter refuses to run while one is held."""
         return self.it.tensor(self.inputs[name])()
 
-    def feeds(self, x, positions, bias, last):
-        """The inputs besides the cache, by name, for this program's place in the model."""
-        feeds = dict(tokens=x, positions=positions) if self.first else dict(hidden=x)
-        feeds["bias"] = bias
-        if self.last:
-            feeds["last"] = np.int32(last)
-        return feeds
-
-    def chunk(self, **inputs):
-        """Runs the chunk signature on inputs by name; its outputs by name, copied."""
-        # A runner holds the interpreter, which then refuses to resize: it lives for this call only.
-        outputs = self.it.get_signature_runner("prefill")(**inputs)
-        return {name: value.copy() for name, value in outputs.items()}
-
-    def step(self, x, positions, bias):
+    def run(self, inputs, pos, pad):
         it = self.it
-        for name, value in self.feeds(x, positions, bias, 0).items():
-            it.set_tensor(self.inputs[name], value)
+        it.set_tensor(self.inputs["tokens" if self.first else "hidden"], inputs)
+        it.set_tensor(self.inputs["pos"], np.int32(pos))
+        if pad is not None:
+            it.set_tensor(self.inputs["pad"], pad)
         it.invoke()
         return [it.get_tensor(i) for i in self.outputs]
 
@@ -352,20 +306,20 @@ class Engine:
         self._shape = None
         self._current = lambda: None  # a weak reference to the state in the buffers
 
-    def _resize(self, batch, capacity):
-        """Shapes the step signature's inputs for `batch` rows and `capacity` cached positions."""
-        if self._shape == (batch, capacity):
+    def _resize(self, batch, t, capacity):
+        if self._shape == (batch, t, capacity):
             return
         h, d, e = self.hparams.n_head, self.hparams.head_dim, self.hparams.n_embd
         for piece in self._pieces:
-            shapes = dict(tokens=[batch, 1], positions=[batch, 1], hidden=[batch, 1, e], bias=[batch, 1, 1, capacity + 1])
-            shapes.update({f"keys_{i}": [batch, h, capacity, d] for i in piece.layers})
-            shapes.update({f"values_{i}": [batch, h, d, capacity] for i in piece.layers})
-            for name, index in piece.inputs.items():
-                if name in shapes:
-                    piece.it.resize_tensor_input(index, shapes[name])
-            piece.it.allocate_tensors()
-        self._shape = (batch, capacity)
+            it = piece.it
+            it.resize_tensor_input(piece.inputs["tokens"] if piece.first else piece.inputs["hidden"],
+                                   [batch, t] if piece.first else [batch, t, e])
+            it.resize_tensor_input(piece.inputs["pad"], [batch])
+            for i in piece.layers:
+                it.resize_tensor_input(piece.inputs[f"keys_{i}"], [batch, h, capacity, d])
+                it.resize_tensor_input(piece.inputs[f"values_{i}"], [batch, h, d, capacity])
+            it.allocate_tensors()
+        self._shape = (batch, t, capacity)
 
     def _cache_views(self):
         """Views of the buffers: each layer's keys [B, H, C, D] and values [B, H, D, C]."""
@@ -378,12 +332,14 @@ class Engine:
             current.saved = tuple([view.copy() for view in views] for views in self._cache_views())
         self._current = lambda: None
 
-    def _take_buffers(self, state):
-        """Puts `state` in the buffers, if it is not there already."""
+    def _take_buffers(self, state, pad):
+        """Puts `state` (and its rows' padding) in the buffers, if it is not there already."""
         if self._current() is state:
             return
         self._set_aside()
-        self._resize(state.batch, state.capacity)
+        self._resize(state.batch, 1, state.capacity)
+        for piece in self._pieces:
+            piece.it.set_tensor(piece.inputs["pad"], np.asarray(pad, np.int32))
         self._fill(state.saved)
         state.saved = None
         self._current = weakref.ref(state)
@@ -398,6 +354,15 @@ class Engine:
         """A state's keys and values per layer, wherever they are (the buffers' are views)."""
         return state.saved if state.saved is not None else self._cache_views()
 
+    def _run(self, tokens, pos, pad):
+        """Every program in turn: the logits [B, V] and each layer's new keys and values [B, H, T, D]."""
+        x, keys, values = tokens, [], []
+        for piece in self._pieces:
+            x, new_keys, new_values = piece.run(x, pos, pad)
+            keys.extend(new_keys)
+            values.extend(new_values)
+        return x, keys, values
+
     def prefill(self, tokens, pad, capacity):
         """Runs prompts tokens [B, T], left-padded by `pad` [B], into a new cache of `capacity`
         positions (at most n_ctx); the last position's logits [B, V] and the state."""
@@ -405,47 +370,33 @@ class Engine:
         batch, t = tokens.shape
         capacity = int(capacity)
         self._set_aside()
-        # Chunk after chunk, the last padded at its end: what the padding writes past the prompt
-        # is never read, and its positions stay inside the window.
-        room = -(-t // CHUNK) * CHUNK
-        tokens = np.pad(tokens, [(0, 0), (0, room - t)])
-        h, d = self.hparams.n_head, self.hparams.head_dim
-        keys = [np.zeros([batch, h, room, d], np.float32) for _ in self._slots]
-        values = [np.zeros([batch, h, d, room], np.float32) for _ in self._slots]
-        for start in range(0, room, CHUNK):
-            x = tokens[:, start:start + CHUNK]
-            positions = np.minimum(token_positions(pad, start, CHUNK), self.hparams.n_ctx - 1)
-            bias = attention_bias(pad, start, CHUNK, room)
-            layer = 0
-            for piece in self._pieces:
-                cache = {f"keys_{i}": keys[i] for i in piece.layers}
-                cache.update({f"values_{i}": values[i] for i in piece.layers})
-                out = piece.chunk(**piece.feeds(x, positions, bias, min(t - 1 - start, CHUNK - 1)), **cache)
-                x = out["output_0"]
-                for new_keys, new_values in zip(out["output_1"], out["output_2"]):
-                    keys[layer][:, :, start:start + CHUNK] = new_keys
-                    values[layer][..., start:start + CHUNK] = np.swapaxes(new_values, -1, -2)
-                    layer += 1
-        prompt = State(batch, t, ([k[:, :, :t] for k in keys], [v[..., :t] for v in values]))
-        state = self.rearrange(prompt, batch, np.arange(batch), 0, capacity)
-        self._take_buffers(state)
-        return x, state
+        # The prompt runs beside an empty one-slot cache (masked out at pos 0), then the cache
+        # takes the step's shapes; resizing reallocates the inputs, so their values are kept aside.
+        self._resize(batch, t, 1)
+        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
+        logits, keys, values = self._run(tokens, 0, pad)
+        self._resize(batch, 1, capacity)
+        for piece in self._pieces:
+            piece.it.set_tensor(piece.inputs["pad"], pad)
+        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
+        cached_keys, cached_values = self._cache_views()
+        for i in range(len(self._slots)):
+            cached_keys[i][:, :, :t] = keys[i]
+            cached_values[i][:, :, :, :t] = np.swapaxes(values[i], -1, -2)
+        del cached_keys, cached_values
+        state = State(batch, capacity)
+        self._current = weakref.ref(state)
+        return logits, state
 
     def step(self, token, pos, pad, state):
         """One token per row, token [B] at position `pos`: next-token logits [B, V] and the state."""
-        self._take_buffers(state)
-        pos, pad = int(pos), np.asarray(pad, np.int32)
-        x = np.asarray(token, np.int32)[:, None]
-        positions, bias = token_positions(pad, pos, 1), attention_bias(pad, pos, 1, state.capacity)
-        layer = 0
-        for piece in self._pieces:
-            x, new_keys, new_values = piece.step(x, positions, bias)
-            for k, v in zip(new_keys, new_values):
-                slot, keys, values = self._slots[layer]
-                slot.view(keys)[:, :, pos] = k[:, :, 0]
-                slot.view(values)[:, :, :, pos] = v[:, :, 0]
-                layer += 1
-        return x, state
+        self._take_buffers(state, pad)
+        pos = int(pos)
+        logits, keys, values = self._run(np.asarray(token, np.int32)[:, None], pos, None)
+        for (piece, k, v), new_keys, new_values in zip(self._slots, keys, values):
+            piece.view(k)[:, :, pos] = new_keys[:, :, 0]
+            piece.view(v)[:, :, :, pos] = new_values[:, :, 0]
+        return logits, state
 
     def rearrange(self, state, batch, rows, start, capacity):
         """`decode.KVCache.rearrange` on the host: a new state of `rows` of `state`, positions

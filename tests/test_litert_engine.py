@@ -281,30 +281,19 @@ def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_di
     export.export("tflite", "tiny", models_dir, out=str(tmp_path / "out"))
     path = capsys.readouterr().out.strip()
     assert sorted(os.listdir(tmp_path / "out")) == ["encoder.json", "gpt2-float32.tflite", "hparams.json", "vocab.bpe"]
-    # The README's contract, by input name: a prompt of 3 tokens in one prefill chunk (padded to
-    # its 32) beside an empty one-slot cache, then one decode step after that cache.
+    # The README's contract: the prompt beside an empty one-slot cache, by input name.
     hp = TINY_HPARAMS
-    h, d, n = hp["n_head"], hp["n_embd"] // hp["n_head"], 32
     it = Interpreter(model_path=path)
-    assert sorted(it.get_signature_list()) == ["decode", "prefill"]
-    tokens = np.array([[5, 6, 7] + [0] * (n - 3)], np.int32)
-    causal = np.tril(np.ones([n, n], bool))
-    bias = np.where(np.concatenate([np.zeros([n, 1], bool), causal], 1), 0, -1e10).astype(np.float32)[None, None]
-    empty = {f"keys_{i}": np.zeros([1, h, 1, d], np.float32) for i in range(hp["n_layer"])}
-    empty.update({f"values_{i}": np.zeros([1, h, d, 1], np.float32) for i in range(hp["n_layer"])})
-    out = it.get_signature_runner("prefill")(tokens=tokens, positions=np.arange(n, dtype=np.int32)[None], bias=bias,
-                                             last=np.int32(2), **empty)
+    runner = it.get_signature_runner()
+    tokens = np.array([[5, 6, 7]], np.int32)
+    empty_keys = np.zeros([1, hp["n_head"], 1, hp["n_embd"] // hp["n_head"]], np.float32)
+    cache = {f"keys_{i}": empty_keys for i in range(hp["n_layer"])}
+    cache.update({f"values_{i}": np.swapaxes(empty_keys, 2, 3) for i in range(hp["n_layer"])})
+    out = runner(tokens=tokens, pos=np.int32(0), pad=np.zeros([1], np.int32), **cache)
     assert out["output_0"].shape == (1, hp["n_vocab"])
-    assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, h, n, d)
+    assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, hp["n_head"], 3, 8)
     engine = litert_engine.Engine(path, checkpoint.load_hparams(os.path.join(models_dir, "tiny")))
-    want, state = engine.prefill(tokens[:, :3], np.zeros([1], np.int32), 4)
-    np.testing.assert_allclose(out["output_0"], want, atol=1e-6)
-    cache = {f"keys_{i}": out["output_1"][i][:, :, :3] for i in range(hp["n_layer"])}
-    cache.update({f"values_{i}": np.swapaxes(out["output_2"][i][:, :, :3], 2, 3) for i in range(hp["n_layer"])})
-    step = it.get_signature_runner("decode")(tokens=np.array([[8]], np.int32), positions=np.array([[3]], np.int32),
-                                             bias=np.zeros([1, 1, 1, 4], np.float32), last=np.int32(0), **cache)
-    np.testing.assert_allclose(step["output_0"], engine.step(np.array([8]), 3, np.zeros([1], np.int32), state)[0],
-                               atol=1e-6)
+    np.testing.assert_allclose(out["output_0"], engine.prefill(tokens, np.zeros([1], np.int32), 4)[0], atol=1e-6)
 
 
 def test_export_rejects_an_unknown_format(models_dir):
