@@ -6,15 +6,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, SRC_DIR, run_script
+from conftest import REPO_ROOT, SRC_DIR, run_main, run_script
 from test_generate_unconditional_samples import CONTROL_FLAGS, CONTROLS, FLAGS, assert_one_line_error, headers
 
 SCRIPT = "generate_conditional_samples.py"
 
 
-def run(models_dir, *args, stdin=None, length=8):
-    return run_script(SCRIPT, *args, "--model_name", "tiny", "--models_dir", models_dir, "--length", length,
-                      stdin=stdin)
+def run(models_dir, *args, stdin=b"", length=8, runner=run_main):
+    return runner(SCRIPT, *args, "--model_name", "tiny", "--models_dir", models_dir, "--length", length, stdin=stdin)
 
 
 def samples(stdout):
@@ -33,7 +32,7 @@ def test_help_documents_every_flag():
 def test_argument_file_and_stdin_give_the_same_samples(tiny_models_dir, tmp_path):
     prompt = "The quick brown fox"
     (tmp_path / "p.txt").write_text(prompt, encoding="utf-8")
-    a = run(tiny_models_dir, prompt, "--seed", 2, "--nsamples", 2)
+    a = run(tiny_models_dir, prompt, "--seed", 2, "--nsamples", 2, runner=run_script)
     b = run(tiny_models_dir, "--prompt_file", tmp_path / "p.txt", "--seed", 2, "--nsamples", 2)
     c = run(tiny_models_dir, "--seed", 2, "--nsamples", 2, stdin=prompt.encode())
     assert a.returncode == b.returncode == c.returncode == 0, a.stderr
@@ -92,7 +91,7 @@ def test_missing_prompt_file(tiny_models_dir, tmp_path):
     (["--prompt_file", "1"], r"^error: cannot read --prompt_file 1: No such file"),  # not file descriptor 1
 ])
 def test_flag_values_that_fire_would_misread(tiny_models_dir, args, pattern):
-    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, *args, stdin=b"")
+    result = run_main(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, *args, stdin=b"")
     assert_one_line_error(result, pattern)
     assert result.stdout == ""
 
