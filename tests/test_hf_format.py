@@ -11,7 +11,7 @@ import api
 import checkpoint
 import hf_format
 import model
-from conftest import run_script
+from conftest import run_main, run_script
 from errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -205,8 +205,8 @@ def test_pytorch_model_bin_loads_only_without_unpickling_code(tiny_hf_dir, state
 def test_scripts_accept_a_hugging_face_directory(tiny_hf_dir, tmp_path):
     models_dir, name = os.path.dirname(tiny_hf_dir), os.path.basename(tiny_hf_dir)
     prompt = "The quick brown fox"
-    sampled = run_script("generate_conditional_samples.py", prompt, "--models_dir", models_dir, "--model_name", name,
-                         "--temperature", "0", "--length", "12")
+    sampled = run_main("generate_conditional_samples.py", prompt, "--models_dir", models_dir, "--model_name", name,
+                       "--temperature", "0", "--length", "12")
     assert sampled.returncode == 0, sampled.stderr
     expected = api.load(name, models_dir).generate(prompt, length=12, temperature=0)
     assert expected in sampled.stdout
