@@ -33,6 +33,15 @@ def tiny_lm(tiny_models_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt(tiny_models_dir):
+    """`tiny` loaded through the API (TensorFlow engine) once, for the tests that only read it: each
+    new load traces its sampling loop again (~2 s)."""
+    import api
+
+    return api.load("tiny", tiny_models_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """A Hugging Face directory of the tiny shape written by transformers itself: a random
     GPT2LMHeadModel (every tensor perturbed, so norms and biases matter too) saved with

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-import api
 import evaluate
 import score
 from cli import UserError
@@ -30,8 +29,8 @@ WIKI = " = Café Müller = \n The café is 324 metres from the station , about 8
 
 
 @pytest.fixture(scope="module")
-def gpt(tiny_models_dir):
-    return api.load("tiny", tiny_models_dir)
+def gpt(tiny_gpt):
+    return tiny_gpt
 
 
 def numpy_logprobs(gpt, tokens):

@@ -70,14 +70,12 @@ def test_prompt_too_long_says_how_much_room(tiny_models_dir):
                                   r"or use --truncate left to keep its last 64$")
 
 
-def test_truncate_left_notes_it_and_goes_on_past_the_window(tiny_models_dir):
-    import api
-
+def test_truncate_left_notes_it_and_goes_on_past_the_window(tiny_models_dir, tiny_gpt):
     result = run(tiny_models_dir, " word" * 70, "--truncate", "left", "--temperature", 0, length=100)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
         "note: the prompt is 70 tokens, longer than the window: only its last 64 go in (--truncate left)"]
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     assert gpt.generate([gpt.encode(" word" * 70)[-64:]], 100, temperature=0)[0] in result.stdout
 
 
@@ -113,27 +111,22 @@ def test_an_undecodable_prompt_argument_is_a_one_line_error(tiny_models_dir):
     assert_one_line_error(result, r"^error: the prompt is not valid UTF-8 \(character 4\): convert it to UTF-8$")
 
 
-def test_the_controls_give_the_apis_text(tiny_models_dir):
-    import api
-
+def test_the_controls_give_the_apis_text(tiny_models_dir, tiny_gpt):
     result = run(tiny_models_dir, "Hello there", "--temperature", 0, *CONTROL_FLAGS, length=12)
     assert result.returncode == 0, result.stderr
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     want = gpt.generate("Hello there", 12, temperature=0, **CONTROLS)
     assert samples(result.stdout) == [want] and want != gpt.generate("Hello there", 12, temperature=0)
 
 
-def test_json_with_logprobs_prints_the_apis_records_one_line_each(tiny_models_dir):
+def test_json_with_logprobs_prints_the_apis_records_one_line_each(tiny_models_dir, tiny_gpt):
     import json
-
-    import api
 
     result = run(tiny_models_dir, "Hello there", "--temperature", 0, "--json", "--logprobs", 3, "--nsamples", 2,
                  "--repetition_penalty", 1.5)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    want = api.load("tiny", tiny_models_dir).generate("Hello there", 8, temperature=0, logprobs=3,
-                                                      repetition_penalty=1.5)
+    want = tiny_gpt.generate("Hello there", 8, temperature=0, logprobs=3, repetition_penalty=1.5)
     assert len(lines) == 2
     for got in map(json.loads, lines):
         assert (got["prompt"], got["text"]) == (want["prompt"], want["text"])

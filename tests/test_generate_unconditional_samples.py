@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-import api
 import sample
 from conftest import REPO_ROOT, SRC_DIR, run_main, run_script, sigint_as_at_a_terminal
 
@@ -153,12 +152,12 @@ def test_ctrl_c_during_start_up_prints_only_a_newline(tiny_models_dir):
     assert (out, err) == (b"", b"\n")
 
 
-def test_the_controls_give_the_apis_samples(tiny_models_dir):
+def test_the_controls_give_the_apis_samples(tiny_models_dir, tiny_gpt):
     result = run_main(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 2,
                       "--batch_size", 2, "--length", 12, "--seed", 4, "--top_k", 20, *CONTROL_FLAGS)
     assert result.returncode == 0, result.stderr
     texts = [p.rstrip("\n") for p in re.split(r"={40} SAMPLE \d+ ={40}\n", result.stdout)[1:]]
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     want = gpt.generate([[gpt.eot_token]] * 2, 12, top_k=20, seed=sample.batch_seed(sample.new_seed(4), 0),
                         **CONTROLS)
     assert texts == want

@@ -134,11 +134,9 @@ def test_a_length_the_model_cannot_give_is_refused_before_the_first_prompt(tiny_
     assert result.stdout == ""  # not even the prompt
 
 
-def test_the_controls_give_the_apis_text(tiny_models_dir):
-    import api
-
+def test_the_controls_give_the_apis_text(tiny_models_dir, tiny_gpt):
     result = run(tiny_models_dir, "Hello there\n", "--temperature", 0, *CONTROL_FLAGS)
     assert result.returncode == 0, result.stderr
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     want = gpt.generate("Hello there", 6, temperature=0, **CONTROLS)
     assert want in result.stdout and want != gpt.generate("Hello there", 6, temperature=0)

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-import api
 import score
 from conftest import run_main, run_script
 from test_generate_unconditional_samples import assert_one_line_error
@@ -14,8 +13,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. It was the best of times, i
 
 
 @pytest.fixture(scope="module")
-def gpt(tiny_models_dir):
-    return api.load("tiny", tiny_models_dir)
+def gpt(tiny_gpt):
+    return tiny_gpt
 
 
 def direct_logprobs(lm, context, targets_from):
