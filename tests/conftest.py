@@ -1,6 +1,7 @@
 """Shared test setup: the scripts live in src/ and import each other as top-level modules."""
 import os
 import sys
+import warnings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC_DIR = os.path.join(REPO_ROOT, "src")
@@ -76,13 +77,17 @@ def sigint_as_at_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def script_path(script):
+    """Where a script named as run_script takes it lives: src/, else the repo root."""
+    path = os.path.join(SRC_DIR, script)
+    return path if os.path.exists(path) else os.path.join(REPO_ROOT, script)
+
+
 def run_script(script, *args, stdin=None, timeout=300, env=None):
     """Runs a script from src/ (or the repo root) as a user would; stdout and stderr come back as text."""
     import subprocess
 
-    path = os.path.join(SRC_DIR, script)
-    if not os.path.exists(path):
-        path = os.path.join(REPO_ROOT, script)
+    path = script_path(script)
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONIOENCODING="utf-8")
     full_env.update(env or {})
     if isinstance(stdin, str):
@@ -107,6 +112,10 @@ _FRESH_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore"
                           ("ignore", ResourceWarning, "")]
 
 
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def run_main(script, *args, stdin=b"", env=None, cwd=REPO_ROOT):
     """Runs a script from src/ (or the repo root) as `python script args` does, but in this process:
     its `__main__` code with `sys.argv` set, through `cli.run` (ending by SystemExit, not
@@ -123,14 +132,11 @@ def run_main(script, *args, stdin=b"", env=None, cwd=REPO_ROOT):
     import runpy
     import tempfile
     import traceback
-    import warnings
 
     import cli
     import runtime
 
-    path = os.path.join(SRC_DIR, script)
-    if not os.path.exists(path):
-        path = os.path.join(REPO_ROOT, script)
+    path = script_path(script)
     if isinstance(stdin, str):
         stdin = stdin.encode("utf-8")
     optimizer_options = runtime.tf.config.optimizer.get_experimental_options()
@@ -160,12 +166,13 @@ def run_main(script, *args, stdin=b"", env=None, cwd=REPO_ROOT):
             warnings.resetwarnings()
             for action, category, module in reversed(_FRESH_WARNING_FILTERS):
                 warnings.filterwarnings(action, category=category, module=module)
-            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
-                warnings.formatwarning(message, category, filename, lineno, line))
+            warnings.showwarning = _warning_to_stderr
             try:
                 runpy.run_path(path, run_name="__main__")
             except SystemExit as e:
                 returncode = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)  # as the interpreter prints sys.exit("message")
             except Exception:  # what the interpreter prints for an uncaught one
                 traceback.print_exc()
                 returncode = 1
@@ -176,10 +183,10 @@ def run_main(script, *args, stdin=b"", env=None, cwd=REPO_ROOT):
             except (OSError, ValueError):
                 pass
         logging.getLogger().removeHandler(log_handler)
-        sys.argv, sys.stdin, sys.stdout, sys.stderr, environ, cwd, cli.run = saved
+        sys.argv, sys.stdin, sys.stdout, sys.stderr, environ, original_cwd, cli.run = saved
         os.environ.clear()
         os.environ.update(environ)
-        os.chdir(cwd)
+        os.chdir(original_cwd)
         os.dup2(saved_fds[0], 1)
         os.dup2(saved_fds[1], 2)
         for fd in saved_fds:
