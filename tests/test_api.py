@@ -7,8 +7,8 @@ from cli import UserError
 
 
 @pytest.fixture(scope="module")
-def gpt(tiny_models_dir):
-    return api.load("tiny", tiny_models_dir)
+def gpt(tiny_gpt):
+    return tiny_gpt
 
 
 def greedy_tokens(gpt, prompt, length):

@@ -1,7 +1,7 @@
 """benchmark.py runs end to end and reports every figure; its numbers are not judged here."""
 import json
 
-from conftest import run_script
+from conftest import run_main, run_script
 
 
 def test_json_report_on_a_model_directory(tiny_models_dir):
@@ -38,13 +38,13 @@ def test_training_alone(tiny_models_dir):
 
 
 def test_unknown_training_precision_is_a_one_line_error_before_any_measuring(tiny_models_dir):
-    result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir,
-                        "--train_precision", "float8", "--hf", "False")
+    result = run_main("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+                      "--train_precision", "float8", "--hf", "False")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--train_precision must be one of" in result.stderr and "decode" not in result.stdout
 
 
 def test_unknown_random_size_is_a_one_line_error():
-    result = run_script("benchmark.py", "--random", "7B")
+    result = run_main("benchmark.py", "--random", "7B")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--random takes one of 124M, 355M, 774M, 1558M" in result.stderr

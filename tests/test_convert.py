@@ -7,7 +7,7 @@ import pytest
 
 import convert
 import hf_format
-from conftest import run_script
+from conftest import run_main, run_script
 from errors import UserError
 from runtime import tf
 
@@ -94,9 +94,9 @@ def test_the_command_line_converts_and_refuses_an_existing_output(tiny_hf_dir, t
     result = run_script("convert.py", name, out, "--models_dir", models_dir)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {out} in the released format"
-    result = run_script("convert.py", name, out, "--models_dir", models_dir)
+    result = run_main("convert.py", name, out, "--models_dir", models_dir)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: out '{out}' already exists: choose a new directory"]
     (tmp_path / "empty").mkdir()
-    result = run_script("convert.py", "empty", tmp_path / "other", "--models_dir", tmp_path)
+    result = run_main("convert.py", "empty", tmp_path / "other", "--models_dir", tmp_path)
     assert result.returncode == 2 and "neither hparams.json" in result.stderr and len(result.stderr.splitlines()) == 1

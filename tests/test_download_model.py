@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import cli
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, run_main, run_script
 from errors import UserError
 
 _spec = importlib.util.spec_from_file_location("download_model", os.path.join(REPO_ROOT, "download_model.py"))
@@ -122,7 +122,8 @@ class Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # shutdown() waits out serve_forever's poll, 0.5 s by default, at every test's teardown.
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.02), daemon=True)
         self.thread.start()
 
     def gets(self, name=None):
@@ -161,8 +162,9 @@ def server(monkeypatch):
 
 
 def run(*args):
-    """The script as a user runs it; GPT2_BASE_URL and friends come from the fixtures' environment."""
-    return run_script("download_model.py", *args, timeout=120)
+    """The script's __main__ with these arguments (in this process: conftest.run_main); GPT2_BASE_URL and
+    friends come from the fixtures' environment."""
+    return run_main("download_model.py", *args)
 
 
 def assert_complete(directory):
@@ -191,7 +193,7 @@ def assert_no_error_page_saved(directory):
 
 
 def test_downloads_all_seven_files(server, tmp_path):
-    result = run("124M", "--models_dir", tmp_path)
+    result = run_script("download_model.py", "124M", "--models_dir", tmp_path, timeout=120)  # as a user runs it
     assert result.returncode == 0, result.stderr
     assert_complete(tmp_path / "124M")
     for name in FILES:
@@ -591,7 +593,7 @@ def test_unknown_flags_are_named_with_the_nearest_real_one(args, error):
 @pytest.mark.parametrize("args, models_dir", [(["--models_dir", "2019"], "2019"), (["--models_dir=2019.10"], "2019.10"),
                                               (["1_000"], "1_000")])
 def test_models_dir_that_looks_like_a_number_is_taken_as_typed(server, tmp_path, args, models_dir):
-    result = run_in(tmp_path, "124M", *args)
+    result = run_main("download_model.py", "124M", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert_complete(tmp_path / models_dir / "124M")
     assert os.listdir(tmp_path) == [models_dir]

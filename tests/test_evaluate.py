@@ -5,11 +5,10 @@ import math
 import numpy as np
 import pytest
 
-import api
 import evaluate
 import score
 from cli import UserError
-from conftest import run_script
+from conftest import run_main, run_script
 from test_generate_unconditional_samples import assert_one_line_error
 
 PASSAGES = ["the cat sat on the mat and looked at the door", "she opened the box and found a small key",
@@ -30,8 +29,8 @@ WIKI = " = Café Müller = \n The café is 324 metres from the station , about 8
 
 
 @pytest.fixture(scope="module")
-def gpt(tiny_models_dir):
-    return api.load("tiny", tiny_models_dir)
+def gpt(tiny_gpt):
+    return tiny_gpt
 
 
 def numpy_logprobs(gpt, tokens):
@@ -170,7 +169,7 @@ def test_script_prints_a_table_and_json(tiny_models_dir, tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
     assert rows["examples"] == ["3"] and rows["accuracy"][1] == "—" and rows["perplexity"][1] == "—"
     assert len(rows["word_perplexity"]) == 1  # no paper figure for it
-    report = json.loads(run_script("evaluate.py", *args, "--json").stdout)
+    report = json.loads(run_main("evaluate.py", *args, "--json").stdout)
     assert report["examples"] == 3 and report["paper"] == {"accuracy": None, "perplexity": None}
     assert float(rows["perplexity"][0]) == pytest.approx(report["perplexity"], rel=1e-3)
 
@@ -225,6 +224,6 @@ def test_script_errors(tiny_models_dir, tmp_path, args, message):
     files = {"CBT": write(tmp_path, "cbt.txt", CBT), "BAD_JSONL": write(tmp_path, "bad.jsonl", '{"text": "a b"}\n{x\n'),
              "BAD_CBT": write(tmp_path, "bad_cbt.txt", "1 A .\n21 B\tC\n"), "EMPTY": write(tmp_path, "empty.txt", "")}
     args = [files.get(a, a) for a in args]
-    result = run_script("evaluate.py", *args, "--model_name", "tiny", "--models_dir", tiny_models_dir)
+    result = run_main("evaluate.py", *args, "--model_name", "tiny", "--models_dir", tiny_models_dir)
     assert result.returncode == 2
     assert_one_line_error(result, message)

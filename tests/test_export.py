@@ -51,10 +51,8 @@ def plain_env(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gpt(tiny_models_dir):
-    import api
-
-    return api.load("tiny", tiny_models_dir)
+def gpt(tiny_gpt):
+    return tiny_gpt
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from fire.parser import DefaultParseValue
 
 import cli
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, run_main, run_script
 from errors import UserError
 
 ENTRY_POINTS = sorted(os.path.relpath(path, REPO_ROOT)
@@ -164,8 +164,8 @@ def test_a_typo_ends_an_endless_run_before_it_starts(tiny_models_dir):
 
 def test_score_json_then_a_file_scores_the_file(tiny_models_dir, tmp_path):
     (tmp_path / "file.txt").write_text("Some text to score.", encoding="utf-8")
-    result = run_script("score.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--json",
-                        tmp_path / "file.txt", timeout=240)
+    result = run_main("score.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--json",
+                      tmp_path / "file.txt")
     assert result.returncode == 0, result.stderr
     assert '"input": "' + str(tmp_path / "file.txt") in result.stdout
 

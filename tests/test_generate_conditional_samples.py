@@ -6,15 +6,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, SRC_DIR, run_script
+from conftest import REPO_ROOT, SRC_DIR, run_main, run_script
 from test_generate_unconditional_samples import CONTROL_FLAGS, CONTROLS, FLAGS, assert_one_line_error, headers
 
 SCRIPT = "generate_conditional_samples.py"
 
 
-def run(models_dir, *args, stdin=None, length=8):
-    return run_script(SCRIPT, *args, "--model_name", "tiny", "--models_dir", models_dir, "--length", length,
-                      stdin=stdin)
+def run(models_dir, *args, stdin=b"", length=8, runner=run_main):
+    return runner(SCRIPT, *args, "--model_name", "tiny", "--models_dir", models_dir, "--length", length, stdin=stdin)
 
 
 def samples(stdout):
@@ -33,7 +32,7 @@ def test_help_documents_every_flag():
 def test_argument_file_and_stdin_give_the_same_samples(tiny_models_dir, tmp_path):
     prompt = "The quick brown fox"
     (tmp_path / "p.txt").write_text(prompt, encoding="utf-8")
-    a = run(tiny_models_dir, prompt, "--seed", 2, "--nsamples", 2)
+    a = run(tiny_models_dir, prompt, "--seed", 2, "--nsamples", 2, runner=run_script)
     b = run(tiny_models_dir, "--prompt_file", tmp_path / "p.txt", "--seed", 2, "--nsamples", 2)
     c = run(tiny_models_dir, "--seed", 2, "--nsamples", 2, stdin=prompt.encode())
     assert a.returncode == b.returncode == c.returncode == 0, a.stderr
@@ -71,14 +70,12 @@ def test_prompt_too_long_says_how_much_room(tiny_models_dir):
                                   r"or use --truncate left to keep its last 64$")
 
 
-def test_truncate_left_notes_it_and_goes_on_past_the_window(tiny_models_dir):
-    import api
-
+def test_truncate_left_notes_it_and_goes_on_past_the_window(tiny_models_dir, tiny_gpt):
     result = run(tiny_models_dir, " word" * 70, "--truncate", "left", "--temperature", 0, length=100)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
         "note: the prompt is 70 tokens, longer than the window: only its last 64 go in (--truncate left)"]
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     assert gpt.generate([gpt.encode(" word" * 70)[-64:]], 100, temperature=0)[0] in result.stdout
 
 
@@ -92,7 +89,7 @@ def test_missing_prompt_file(tiny_models_dir, tmp_path):
     (["--prompt_file", "1"], r"^error: cannot read --prompt_file 1: No such file"),  # not file descriptor 1
 ])
 def test_flag_values_that_fire_would_misread(tiny_models_dir, args, pattern):
-    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, *args, stdin=b"")
+    result = run_main(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, *args, stdin=b"")
     assert_one_line_error(result, pattern)
     assert result.stdout == ""
 
@@ -114,27 +111,22 @@ def test_an_undecodable_prompt_argument_is_a_one_line_error(tiny_models_dir):
     assert_one_line_error(result, r"^error: the prompt is not valid UTF-8 \(character 4\): convert it to UTF-8$")
 
 
-def test_the_controls_give_the_apis_text(tiny_models_dir):
-    import api
-
+def test_the_controls_give_the_apis_text(tiny_models_dir, tiny_gpt):
     result = run(tiny_models_dir, "Hello there", "--temperature", 0, *CONTROL_FLAGS, length=12)
     assert result.returncode == 0, result.stderr
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     want = gpt.generate("Hello there", 12, temperature=0, **CONTROLS)
     assert samples(result.stdout) == [want] and want != gpt.generate("Hello there", 12, temperature=0)
 
 
-def test_json_with_logprobs_prints_the_apis_records_one_line_each(tiny_models_dir):
+def test_json_with_logprobs_prints_the_apis_records_one_line_each(tiny_models_dir, tiny_gpt):
     import json
-
-    import api
 
     result = run(tiny_models_dir, "Hello there", "--temperature", 0, "--json", "--logprobs", 3, "--nsamples", 2,
                  "--repetition_penalty", 1.5)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    want = api.load("tiny", tiny_models_dir).generate("Hello there", 8, temperature=0, logprobs=3,
-                                                      repetition_penalty=1.5)
+    want = tiny_gpt.generate("Hello there", 8, temperature=0, logprobs=3, repetition_penalty=1.5)
     assert len(lines) == 2
     for got in map(json.loads, lines):
         assert (got["prompt"], got["text"]) == (want["prompt"], want["text"])

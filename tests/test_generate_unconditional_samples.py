@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-import api
 import sample
-from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
+from conftest import REPO_ROOT, SRC_DIR, run_main, run_script, sigint_as_at_a_terminal
 
 SCRIPT = "generate_unconditional_samples.py"
 FLAGS = ["model_name", "seed", "nsamples", "batch_size", "length", "temperature", "top_k", "top_p",
@@ -43,8 +42,8 @@ def test_help_documents_every_flag():
 
 
 def test_samples_are_numbered_one_to_n_for_any_batch_size(tiny_models_dir):
-    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 6,
-                        "--batch_size", 3, "--length", 5, "--seed", 1)
+    result = run_main(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 6,
+                      "--batch_size", 3, "--length", 5, "--seed", 1)
     assert result.returncode == 0, result.stderr
     assert headers(result.stdout) == [1, 2, 3, 4, 5, 6]
 
@@ -52,8 +51,8 @@ def test_samples_are_numbered_one_to_n_for_any_batch_size(tiny_models_dir):
 def test_seed_repeats_the_output(tiny_models_dir):
     args = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 2, "--length", 12, "--top_k", 40]
     a = run_script(SCRIPT, *args, "--seed", 5)
-    b = run_script(SCRIPT, *args, "--seed", 5)
-    c = run_script(SCRIPT, *args, "--seed", 6)
+    b = run_main(SCRIPT, *args, "--seed", 5)  # in another process, one that has run other tests
+    c = run_main(SCRIPT, *args, "--seed", 6)
     assert a.returncode == b.returncode == c.returncode == 0
     assert a.stdout == b.stdout
     assert a.stdout != c.stdout
@@ -83,7 +82,7 @@ def test_seed_repeats_the_output(tiny_models_dir):
 ])
 def test_bad_input_gets_a_one_line_error(tiny_models_dir, args, pattern):
     base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1, "--length", 3]
-    result = run_script(SCRIPT, *base, *args)
+    result = run_main(SCRIPT, *base, *args)
     assert_one_line_error(result, pattern)
     assert result.stdout == ""  # not even a SAMPLE header before the error
 
@@ -128,8 +127,8 @@ def test_piped_into_head_it_ends_quietly(tiny_models_dir):
 
 @pytest.mark.parametrize("stop", ["5", "1.5", "True"])
 def test_a_stop_that_looks_like_a_number_or_a_bool_is_text(tiny_models_dir, stop):
-    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1,
-                        "--length", 4, "--stop", stop)
+    result = run_main(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 1,
+                      "--length", 4, "--stop", stop)
     assert result.returncode == 0, result.stderr
     assert headers(result.stdout) == [1]
 
@@ -153,12 +152,12 @@ def test_ctrl_c_during_start_up_prints_only_a_newline(tiny_models_dir):
     assert (out, err) == (b"", b"\n")
 
 
-def test_the_controls_give_the_apis_samples(tiny_models_dir):
-    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 2,
-                        "--batch_size", 2, "--length", 12, "--seed", 4, "--top_k", 20, *CONTROL_FLAGS)
+def test_the_controls_give_the_apis_samples(tiny_models_dir, tiny_gpt):
+    result = run_main(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 2,
+                      "--batch_size", 2, "--length", 12, "--seed", 4, "--top_k", 20, *CONTROL_FLAGS)
     assert result.returncode == 0, result.stderr
     texts = [p.rstrip("\n") for p in re.split(r"={40} SAMPLE \d+ ={40}\n", result.stdout)[1:]]
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     want = gpt.generate([[gpt.eot_token]] * 2, 12, top_k=20, seed=sample.batch_seed(sample.new_seed(4), 0),
                         **CONTROLS)
     assert texts == want
@@ -170,7 +169,7 @@ def test_json_prints_one_object_per_sample_with_tokens_when_asked(tiny_models_di
 
     base = ["--model_name", "tiny", "--models_dir", tiny_models_dir, "--nsamples", 4, "--batch_size", 2,
             "--length", 6, "--seed", 3, "--json"]
-    plain, scored = run_script(SCRIPT, *base), run_script(SCRIPT, *base, "--logprobs", 0)
+    plain, scored = run_main(SCRIPT, *base), run_main(SCRIPT, *base, "--logprobs", 0)
     assert plain.returncode == scored.returncode == 0, plain.stderr + scored.stderr
     plain, scored = ([json.loads(line) for line in r.stdout.splitlines()] for r in (plain, scored))
     assert [set(r) for r in plain] == [{"prompt", "text"}] * 4

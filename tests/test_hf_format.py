@@ -11,7 +11,7 @@ import api
 import checkpoint
 import hf_format
 import model
-from conftest import run_script
+from conftest import run_main, run_script
 from errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -29,6 +29,12 @@ def theirs(tiny_hf_dir):
 def state(tiny_hf_dir):
     """The tensors transformers wrote, by its names."""
     return load_file(os.path.join(tiny_hf_dir, hf_format.WEIGHTS_FILE))
+
+
+@pytest.fixture(scope="module")
+def from_hf(tiny_hf_dir):
+    """The directory loaded through the API, once for the tests that only read it."""
+    return api.load(os.path.basename(tiny_hf_dir), os.path.dirname(tiny_hf_dir))
 
 
 def tokens(batch, length, seed):
@@ -73,11 +79,10 @@ def test_logits_match_transformers_reading_the_same_directory(tiny_hf_dir, their
         np.testing.assert_allclose(ours(x)["logits"].numpy(), their_logits(theirs, x), atol=1e-4, rtol=0)
 
 
-def test_greedy_output_equals_the_released_format_of_the_same_weights(tiny_hf_dir, tmp_path):
+def test_greedy_output_equals_the_released_format_of_the_same_weights(tiny_hf_dir, from_hf, tmp_path):
     import convert
 
     convert.convert_dir(tiny_hf_dir, str(tmp_path / "released"))
-    from_hf = api.load(os.path.basename(tiny_hf_dir), os.path.dirname(tiny_hf_dir))
     released = api.load("released", str(tmp_path))
     prompts = ["Hello there", "The quick brown fox"]
     text = from_hf.generate(prompts, length=20, temperature=0)
@@ -202,13 +207,13 @@ def test_pytorch_model_bin_loads_only_without_unpickling_code(tiny_hf_dir, state
     assert "torch is not installed" in message and "convert it to model.safetensors" in message
 
 
-def test_scripts_accept_a_hugging_face_directory(tiny_hf_dir, tmp_path):
+def test_scripts_accept_a_hugging_face_directory(tiny_hf_dir, from_hf, tmp_path):
     models_dir, name = os.path.dirname(tiny_hf_dir), os.path.basename(tiny_hf_dir)
     prompt = "The quick brown fox"
-    sampled = run_script("generate_conditional_samples.py", prompt, "--models_dir", models_dir, "--model_name", name,
-                         "--temperature", "0", "--length", "12")
+    sampled = run_main("generate_conditional_samples.py", prompt, "--models_dir", models_dir, "--model_name", name,
+                       "--temperature", "0", "--length", "12")
     assert sampled.returncode == 0, sampled.stderr
-    expected = api.load(name, models_dir).generate(prompt, length=12, temperature=0)
+    expected = from_hf.generate(prompt, length=12, temperature=0)
     assert expected in sampled.stdout
 
     corpus = tmp_path / "corpus.txt"

@@ -8,15 +8,15 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
+from conftest import REPO_ROOT, SRC_DIR, run_main, run_script, sigint_as_at_a_terminal
 from test_generate_unconditional_samples import CONTROL_FLAGS, CONTROLS, FLAGS, assert_one_line_error, headers
 
 SCRIPT = "interactive_conditional_samples.py"
 
 
-def run(models_dir, stdin, *args):
-    return run_script(SCRIPT, "--model_name", "tiny", "--models_dir", models_dir, "--length", 6, "--seed", 3,
-                      *args, stdin=stdin)
+def run(models_dir, stdin, *args, runner=run_main):
+    return runner(SCRIPT, "--model_name", "tiny", "--models_dir", models_dir, "--length", 6, "--seed", 3, *args,
+                  stdin=stdin)
 
 
 def test_help_documents_every_flag_and_multiline_prompts():
@@ -54,8 +54,8 @@ def test_backslash_continues_the_prompt(tiny_models_dir):
 
 
 def test_same_seed_same_samples_across_runs(tiny_models_dir):
-    a = run(tiny_models_dir, "Once upon a time\n", "--top_k", 40)
-    b = run(tiny_models_dir, "Once upon a time\n", "--top_k", 40)
+    a = run(tiny_models_dir, "Once upon a time\n", "--top_k", 40, runner=run_script)
+    b = run(tiny_models_dir, "Once upon a time\n", "--top_k", 40)  # in another process, one that has run other tests
     assert a.returncode == 0 and a.stdout == b.stdout
 
 
@@ -127,18 +127,16 @@ def test_undecodable_bytes_under_a_utf8_locale_are_a_one_line_error(tiny_models_
     (0, r"--length must be a whole number >= 1, got 0"),
 ])
 def test_a_length_the_model_cannot_give_is_refused_before_the_first_prompt(tiny_models_dir, length, pattern):
-    result = run_script(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--length", length,
-                        stdin="Hello\nAgain\n")
+    result = run_main(SCRIPT, "--model_name", "tiny", "--models_dir", tiny_models_dir, "--length", length,
+                      stdin="Hello\nAgain\n")
     assert result.returncode == 2
     assert_one_line_error(result, pattern)
     assert result.stdout == ""  # not even the prompt
 
 
-def test_the_controls_give_the_apis_text(tiny_models_dir):
-    import api
-
+def test_the_controls_give_the_apis_text(tiny_models_dir, tiny_gpt):
     result = run(tiny_models_dir, "Hello there\n", "--temperature", 0, *CONTROL_FLAGS)
     assert result.returncode == 0, result.stderr
-    gpt = api.load("tiny", tiny_models_dir)
+    gpt = tiny_gpt
     want = gpt.generate("Hello there", 6, temperature=0, **CONTROLS)
     assert want in result.stdout and want != gpt.generate("Hello there", 6, temperature=0)

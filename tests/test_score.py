@@ -5,17 +5,16 @@ import math
 import numpy as np
 import pytest
 
-import api
 import score
-from conftest import run_script
+from conftest import run_main, run_script
 from test_generate_unconditional_samples import assert_one_line_error
 
 TEXT = "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
 
 
 @pytest.fixture(scope="module")
-def gpt(tiny_models_dir):
-    return api.load("tiny", tiny_models_dir)
+def gpt(tiny_gpt):
+    return tiny_gpt
 
 
 def direct_logprobs(lm, context, targets_from):
@@ -96,7 +95,7 @@ def test_cli_reports_files_and_json_tokens(tiny_models_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and "perplexity" in lines[0] and lines[1].startswith(str(tmp_path / "b.txt"))
-    result = run_script("score.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--json", stdin=TEXT)
+    result = run_main("score.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--json", stdin=TEXT)
     report = json.loads(result.stdout)
     assert report["input"] == "<stdin>" and report["tokens"] == len(report["token_logprobs"])
     assert "".join(t["text"] for t in report["token_logprobs"]) == TEXT
@@ -112,5 +111,5 @@ def test_cli_reports_files_and_json_tokens(tiny_models_dir, tmp_path):
 ])
 def test_bad_input_gets_a_one_line_error(tiny_models_dir, tmp_path, content, args, pattern):
     (tmp_path / "in.txt").write_bytes(content)
-    result = run_script("score.py", tmp_path / "in.txt", "--model_name", "tiny", "--models_dir", tiny_models_dir, *args)
+    result = run_main("score.py", tmp_path / "in.txt", "--model_name", "tiny", "--models_dir", tiny_models_dir, *args)
     assert_one_line_error(result, pattern)
