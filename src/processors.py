@@ -10,6 +10,8 @@ beside its repetition penalty:
 `Controls` holds a stream's checked values; `tensors()` gives the form the compiled loop takes, so
 one trace serves every value. `Tally` is what the loop keeps per row for them: counts of the
 tokens generated, which tokens the prompt holds, and the last tokens, for multi-token bad words.
+A batch whose rows each have their own (the server's) takes `row_tensors` and `Tally.fit`, and
+`process` applies the same rules row by row.
 """
 import math
 from typing import NamedTuple
