@@ -126,7 +126,7 @@ class Batcher:
 
     Args:
         engine: `decode.Decoder(lm)`, or another engine with `prefill`, `step`, `rearrange`,
-            `concat` and `cache_bytes_per_position`.
+            `concat` and `cache_bytes_per_position` (`litert_engine.Engine`, run from the host).
         eot_token: End-of-text: it ends a row (as the OpenAI API ends completions) and pads prompts.
         max_rows: Rows in a batch at most; with the window, this bounds the cache's memory.
     """
@@ -147,9 +147,12 @@ class Batcher:
         signature = [tf.TensorSpec([None, None], tf.float32), RowKnobs.spec(), tf.TensorSpec([], tf.int32),
                      processors.ControlTensors.row_spec(), tf.TensorSpec([None], tf.int32), processors.Tally.spec()]
         self._first = tf.function(self._draw, autograph=False, input_signature=signature)
-        self._advance = tf.function(self._step_and_draw, autograph=False, input_signature=[
-            tf.TensorSpec([None], tf.int32), engine.state_spec, tf.TensorSpec([], tf.int32),
-            tf.TensorSpec([None], tf.int32), *signature[1:]])
+        if getattr(engine, "host_loop", False):  # LiteRT: the step runs from Python, the draw compiled
+            self._advance = self._host_step_and_draw
+        else:
+            self._advance = tf.function(self._step_and_draw, autograph=False, input_signature=[
+                tf.TensorSpec([None], tf.int32), engine.state_spec, tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([None], tf.int32), *signature[1:]])
 
     def _reset(self):
         self.rows, self._state, self._pos = [], None, 0  # _pos: where the rows' pending tokens will be written
@@ -165,6 +168,11 @@ class Batcher:
     def _step_and_draw(self, token, state, pos, pad, knobs, n_logprobs, controls, word_rows, tally):
         logits, state = self.engine.step(token, pos, pad, state)
         draw, tally = self._draw(logits, knobs, n_logprobs, controls, word_rows, tally)
+        return draw, state, tally, knobs.index + 1
+
+    def _host_step_and_draw(self, token, state, pos, pad, knobs, n_logprobs, controls, word_rows, tally):
+        logits, state = self.engine.step(token, pos, pad, state)
+        draw, tally = self._first(tf.constant(logits), knobs, n_logprobs, controls, word_rows, tally)
         return draw, state, tally, knobs.index + 1
 
     def submit(self, rows):

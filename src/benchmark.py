@@ -353,7 +353,7 @@ def _mixed_figures(port, pid, model_name, mixed, mixed_clients):
 SERVE_CONTROLS = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, logit_bias={"50256": -100})
 
 
-def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed=1000, mixed_clients=16):
+def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed=1000, mixed_clients=16, engine="tf"):
     """serve.py as a user starts it, measured over HTTP: `clients` concurrent requests of
     `new_tokens` tokens against the same requests one after another (tokens/s), latencies, the
     concurrent ones again with generation controls on, and `mixed` requests of mixed sizes from
@@ -366,7 +366,8 @@ def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed
         port = s.getsockname()[1]
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
     server = subprocess.Popen([sys.executable, script, "--model_name", model_name, "--models_dir", models_dir,
-                               "--port", str(port), "--max_batch", str(max(clients, mixed_clients)), "--dtype", dtype],
+                               "--port", str(port), "--max_batch", str(max(clients, mixed_clients)), "--dtype", dtype,
+                               "--engine", engine],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     results = {}
     try:
@@ -490,7 +491,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
             if hf and _hf_installed():
                 results["hf_train_tok_s"] = hf_train_rate(trained, train_batch, train_length, train_steps)
         if serve:
-            results.update(serve_figures(model_name, models_dir, dtype, mixed=serve_mixed))
+            results.update(serve_figures(model_name, models_dir, dtype, mixed=serve_mixed, engine=engine))
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)

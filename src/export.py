@@ -37,12 +37,13 @@ def export_saved_model(model_name, models_dir, out, dtype):
 
 
 def export_tflite(model_name, models_dir, out, dtype):
-    """Writes the LiteRT program (float32, or int8 weights) with its hparams and vocabulary into
-    `out`; README.md says what it takes and returns. Returns the program's path."""
+    """Writes the LiteRT program (float32, or int8 weights; several to run in turn when it does
+    not fit one flatbuffer) with its hparams and vocabulary into `out`; README.md says what they
+    take and return. Returns the programs' paths, a line each."""
     import hparams
     import litert_engine
 
-    return litert_engine.export_tflite(hparams.model_dir(model_name, models_dir), out, dtype)
+    return "\n".join(litert_engine.export_tflite(hparams.model_dir(model_name, models_dir), out, dtype))
 
 
 # --format -> the function writing it; each takes (model_name, models_dir, out, dtype) and returns the path.
@@ -57,7 +58,8 @@ FORMATS = {
     "saved_model: out/<version>/ for TF Serving, version one past the highest there; its serving_default "
     "signature generates (the whole sampling loop inside the graph).\n"
     "tflite: out/gpt2-<dtype>.tflite, the LiteRT program (float32, or int8 weights with --dtype int8), with "
-    "hparams.json, encoder.json and vocab.bpe.",
+    "hparams.json, encoder.json and vocab.bpe; a model past one flatbuffer's 2 GB (float32 774M and 1558M) "
+    "is gpt2-<dtype>-1of<n>.tflite and on, run in turn.",
     format="What to write: " + ", ".join(FORMATS) + ".",
     out="Directory to write into (created if missing).")
 def export(format: str = "saved_model", model_name: str = "124M", models_dir: str = "models", out: str = None,

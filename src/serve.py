@@ -382,7 +382,7 @@ def _ignore(signum, frame):
     max_batch="Rows decoded together at most (a request with n > 1 or a list of prompts takes several); "
               "with the window it bounds the cache's memory, printed at start.")
 def serve(model_name: str = "124M", models_dir: str = "models", host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = 8, dtype: str = "float32"):
+          max_batch: int = 8, dtype: str = "float32", engine: str = "auto"):
     cli.check_whole("port", port, 0)
     cli.check_whole("max_batch", max_batch, 1)
     runtime.fast_start(system_allocator=True)
@@ -391,7 +391,7 @@ def serve(model_name: str = "124M", models_dir: str = "models", host: str = "127
     import api
     import batching
 
-    gpt = api.load(model_name, models_dir, dtype=dtype)
+    gpt = api.load(model_name, models_dir, dtype=dtype, engine=engine)
     batcher = batching.Batcher(gpt.sampler.engine, gpt.eot_token, max_rows=max_batch)
     batcher.start()
     warm_up(batcher, gpt.eot_token)

@@ -54,22 +54,47 @@ def test_prefill_and_steps_match_the_tensorflow_engine(engines):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
 
-def test_a_prompt_filling_the_window_and_a_new_prefill_after_steps(engines):
+def test_a_prompt_filling_the_window_and_a_new_prefill_then_the_first_stream_again(engines):
     from runtime import tf
 
     tf_engine, lite, _ = engines
     n_ctx, n_vocab = tf_engine.hparams.n_ctx, tf_engine.hparams.n_vocab
-    tokens, pad = padded_prompts(n_vocab, [3])
-    _, state = lite.prefill(tokens, pad, 8)
-    lite.step(np.array([5], np.int32), 3, pad, state)
+    first_tokens, first_pad = padded_prompts(n_vocab, [3])
+    _, state = lite.prefill(first_tokens, first_pad, 8)
+    lite.step(np.array([5], np.int32), 3, first_pad, state)
     tokens, pad = padded_prompts(n_vocab, [n_ctx, n_ctx - 5], seed=2)
     want, _ = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(n_ctx))
     got, new_state = lite.prefill(tokens, pad, n_ctx)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
-    from errors import UserError
+    # The first stream goes on where it was, its cache set aside and put back.
+    _, tf_state = tf_engine.prefill(tf.constant(first_tokens), tf.constant(first_pad), tf.constant(8))
+    _, tf_state = tf_engine.step(tf.constant([5]), tf.constant(3), tf.constant(first_pad), tf_state)
+    want, _ = tf_engine.step(tf.constant([6]), tf.constant(4), tf.constant(first_pad), tf_state)
+    got, _ = lite.step(np.array([6], np.int32), 4, first_pad, state)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
-    with pytest.raises(UserError, match="one stream at a time"):
-        lite.step(np.array([5], np.int32), 4, pad[:1], state)
+
+def test_rows_moved_and_joined_decode_as_they_did_alone(engines):
+    from runtime import tf
+
+    tf_engine, lite, _ = engines
+    n_vocab = tf_engine.hparams.n_vocab
+    long, short = padded_prompts(n_vocab, [7], seed=1)[0], padded_prompts(n_vocab, [3], seed=2)[0]
+
+    def alone(x):  # the last position's logits of one full prefill, no cache moved
+        return tf_engine.prefill(tf.constant(x), tf.zeros([1], tf.int32), tf.constant(x.shape[1]))[0].numpy()[0]
+
+    # The short row, prefilled alone, moves right by 4 (its padding) and joins the long one.
+    _, first = lite.prefill(long[:, :6], np.zeros(1, np.int32), 7)
+    _, second = lite.prefill(short[:, :2], np.zeros(1, np.int32), 2)
+    state = lite.concat(lite.rearrange(first, 1, [0], 0, 7), lite.rearrange(second, 1, [0], -4, 7), 7)
+    # Dropping the long row and the short one's padding gives back a cache it steps alone on.
+    dropped = lite.rearrange(state, 2, [1], 4, 3)
+    logits, _ = lite.step(short[:, 2], 2, np.zeros(1, np.int32), dropped)
+    np.testing.assert_allclose(logits[0], alone(short), atol=1e-4)
+    logits, _ = lite.step(np.array([long[0, 6], short[0, 2]]), 6, np.array([0, 4], np.int32), state)
+    np.testing.assert_allclose(logits[0], alone(long), atol=1e-4)
+    np.testing.assert_allclose(logits[1], alone(short), atol=1e-4)
 
 
 CONTROLS = [dict(), dict(repetition_penalty=1.5), dict(presence_penalty=1.0, frequency_penalty=0.7),
@@ -143,7 +168,7 @@ def test_conversion_is_cached_and_redone_when_the_weights_change(models_dir, mon
     cached = glob.glob(os.path.join(folder, "*"))
     assert len(cached) == 1 and os.path.basename(cached[0]).startswith("float32-")
 
-    def no_conversion(lm, int8=False):
+    def no_conversion(lm, int8=False, layers=None):
         raise AssertionError("converted again although the cache is current")
 
     with monkeypatch.context() as m:
@@ -161,6 +186,45 @@ def test_conversion_is_cached_and_redone_when_the_weights_change(models_dir, mon
     assert len(now) == 1 and now != cached
     reference = api.load("tiny", models_dir, engine="tf")
     assert fresh.generate("Hi", 8, temperature=0) == reference.generate("Hi", 8, temperature=0)
+
+
+def test_a_model_past_one_flatbuffer_runs_as_programs_in_turn(tmp_path, monkeypatch):
+    import api
+    import checkpoint
+    import decode
+    import export
+    import litert_engine
+    import model
+    from hparams import HParams
+    from runtime import tf
+
+    hp = HParams(**OTHER_HPARAMS)
+    checkpoint.write_random_model(str(tmp_path / "m"), hp, seed=3, std=0.2)
+    # A flatbuffer as small as the embeddings and one and a half float32 layers.
+    embeddings, layer = (hp.n_vocab + hp.n_ctx) * hp.n_embd * 4, 12 * hp.n_embd ** 2 * 4
+    monkeypatch.setattr(litert_engine, "FLATBUFFER_LIMIT", (embeddings + 1.5 * layer) / 0.95)
+    assert litert_engine.split(hp, "float32") == [range(0, 1), range(1, 2), range(2, 3)]
+    assert litert_engine.split(hp, "int8") == [range(0, 3)]
+    assert api.choose_engine("auto", "float32", hp) == "tf"  # not measured split: auto keeps TensorFlow
+
+    gpt = api.load("m", str(tmp_path), engine="litert", progress=False)
+    names = sorted(os.listdir(tmp_path / "m" / "litert"))
+    assert [n.split("-")[-1] for n in names] == ["1of3.tflite", "2of3.tflite", "3of3.tflite"]
+    tf_engine = decode.Decoder(model.load_model("m", str(tmp_path)))
+    tokens, pad = padded_prompts(hp.n_vocab, [5, 2])
+    want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(hp.n_ctx))
+    got, state = gpt.engine.prefill(tokens, pad, hp.n_ctx)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    for pos, token in zip(range(5, 9), ([1, 2], [3, 4], [5, 6], [7, 8])):
+        want, tf_state = tf_engine.step(tf.constant(token), tf.constant(pos), tf.constant(pad), tf_state)
+        got, state = gpt.engine.step(np.array(token, np.int32), pos, pad, state)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    assert gpt.generate("Hi", 8, temperature=0) == api.load("m", str(tmp_path)).generate("Hi", 8, temperature=0)
+
+    export.export("tflite", "m", str(tmp_path), out=str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["encoder.json", "gpt2-float32-1of3.tflite",
+                                                    "gpt2-float32-2of3.tflite", "gpt2-float32-3of3.tflite",
+                                                    "hparams.json", "vocab.bpe"]
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -217,19 +281,30 @@ def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_di
     export.export("tflite", "tiny", models_dir, out=str(tmp_path / "out"))
     path = capsys.readouterr().out.strip()
     assert sorted(os.listdir(tmp_path / "out")) == ["encoder.json", "gpt2-float32.tflite", "hparams.json", "vocab.bpe"]
-    # The README's contract: the prompt beside an empty one-slot cache, by input name.
+    # The README's contract, by input name: a prompt of 3 tokens in one prefill chunk (padded to
+    # its 32) beside an empty one-slot cache, then one decode step after that cache.
     hp = TINY_HPARAMS
+    h, d, n = hp["n_head"], hp["n_embd"] // hp["n_head"], 32
     it = Interpreter(model_path=path)
-    runner = it.get_signature_runner()
-    tokens = np.array([[5, 6, 7]], np.int32)
-    empty_keys = np.zeros([1, hp["n_head"], 1, hp["n_embd"] // hp["n_head"]], np.float32)
-    cache = {f"keys_{i}": empty_keys for i in range(hp["n_layer"])}
-    cache.update({f"values_{i}": np.swapaxes(empty_keys, 2, 3) for i in range(hp["n_layer"])})
-    out = runner(tokens=tokens, pos=np.int32(0), pad=np.zeros([1], np.int32), **cache)
+    assert sorted(it.get_signature_list()) == ["decode", "prefill"]
+    tokens = np.array([[5, 6, 7] + [0] * (n - 3)], np.int32)
+    causal = np.tril(np.ones([n, n], bool))
+    bias = np.where(np.concatenate([np.zeros([n, 1], bool), causal], 1), 0, -1e10).astype(np.float32)[None, None]
+    empty = {f"keys_{i}": np.zeros([1, h, 1, d], np.float32) for i in range(hp["n_layer"])}
+    empty.update({f"values_{i}": np.zeros([1, h, d, 1], np.float32) for i in range(hp["n_layer"])})
+    out = it.get_signature_runner("prefill")(tokens=tokens, positions=np.arange(n, dtype=np.int32)[None], bias=bias,
+                                             last=np.int32(2), **empty)
     assert out["output_0"].shape == (1, hp["n_vocab"])
-    assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, hp["n_head"], 3, 8)
+    assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, h, n, d)
     engine = litert_engine.Engine(path, checkpoint.load_hparams(os.path.join(models_dir, "tiny")))
-    np.testing.assert_allclose(out["output_0"], engine.prefill(tokens, np.zeros([1], np.int32), 4)[0], atol=1e-6)
+    want, state = engine.prefill(tokens[:, :3], np.zeros([1], np.int32), 4)
+    np.testing.assert_allclose(out["output_0"], want, atol=1e-6)
+    cache = {f"keys_{i}": out["output_1"][i][:, :, :3] for i in range(hp["n_layer"])}
+    cache.update({f"values_{i}": np.swapaxes(out["output_2"][i][:, :, :3], 2, 3) for i in range(hp["n_layer"])})
+    step = it.get_signature_runner("decode")(tokens=np.array([[8]], np.int32), positions=np.array([[3]], np.int32),
+                                             bias=np.zeros([1, 1, 1, 4], np.float32), last=np.int32(0), **cache)
+    np.testing.assert_allclose(step["output_0"], engine.step(np.array([8]), 3, np.zeros([1], np.int32), state)[0],
+                               atol=1e-6)
 
 
 def test_export_rejects_an_unknown_format(models_dir):

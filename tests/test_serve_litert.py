@@ -1,0 +1,77 @@
+"""The server on the LiteRT engine: the batcher drives it from the host, moving and joining rows
+in its cache, and answers as the API does on the same engine."""
+import threading
+
+import pytest
+
+from test_serve import Served, free_port, models_dir, wait_until  # noqa: F401  (models_dir: the same tiny model)
+
+pytest.importorskip("ai_edge_litert")
+
+
+@pytest.fixture(scope="module")
+def served(models_dir):
+    import uvicorn
+
+    import api
+    import batching
+    import serve
+
+    gpt = api.load("tiny", models_dir, engine="litert", progress=False)
+    batcher = batching.Batcher(gpt.sampler.engine, gpt.eot_token, max_rows=4)
+    batcher.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(serve.create_app(batcher, gpt.encoder, "tiny"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started)
+    yield Served(gpt, batcher, f"http://127.0.0.1:{port}")
+    server.should_exit = True
+    thread.join()
+    batcher.stop()
+
+
+def complete(served, prompt, **options):
+    return served.client.completions.create(model="tiny", prompt=prompt, **options)
+
+
+def test_the_server_runs_on_litert_and_gives_the_apis_text(served):
+    assert served.gpt.engine is served.batcher.engine  # the LiteRT engine, not TensorFlow's
+    for options in (dict(temperature=0), dict(seed=5, temperature=0.9, top_p=0.95)):
+        answer = complete(served, "The meaning of life is", max_tokens=12, **options)
+        assert answer.choices[0].text == served.gpt.generate("The meaning of life is", 12, stop_at_eot=True,
+                                                             **options)
+
+
+def test_rows_joining_and_leaving_a_litert_batch_keep_their_tokens(served):
+    options = dict(max_tokens=30, seed=21, temperature=1.0, top_p=0.9)
+    alone = complete(served, "Alone or not", **options).choices[0].text
+    others = [complete(served, p, max_tokens=200, seed=i, stream=True)
+              for i, p in enumerate(["A longer prompt than the one we check, by several words", "x", "Hey"])]
+    for stream in others:
+        next(iter(stream))  # its row is in the batch now
+    batched = complete(served, "Alone or not", **options).choices[0].text
+    rows_after = served.batcher.load()[0]
+    for stream in others:
+        stream.close()
+    wait_until(lambda: served.batcher.load() == (0, 0))
+    assert rows_after >= 3
+    assert batched == alone
+    # A row that joined a running batch was prefilled apart and its cache moved in beside theirs.
+    assert served.batcher.stats["prefilled_rows"] >= 5
+
+
+def test_rows_with_their_own_controls_get_the_apis_text_on_litert(served):
+    from test_serve import CONTROLS
+
+    options = dict(max_tokens=20, seed=9, temperature=0.9)
+    api_controls = dict(CONTROLS, logit_bias={int(k): v for k, v in CONTROLS["logit_bias"].items()})
+    expected = served.gpt.generate("Controls on", 20, seed=9, temperature=0.9, stop_at_eot=True, **api_controls)
+    other = complete(served, "y", max_tokens=200, seed=1, stream=True, extra_body=dict(frequency_penalty=-1.5))
+    next(iter(other))  # its row is in the batch now
+    batched = complete(served, "Controls on", **options, extra_body=CONTROLS).choices[0].text
+    other.close()
+    wait_until(lambda: served.batcher.load() == (0, 0))
+    assert batched == expected
+    assert complete(served, "Controls on", **options, extra_body=CONTROLS).choices[0].text == expected
