@@ -136,20 +136,28 @@ def test_streaming_gives_the_same_text_in_pieces_and_stop_strings_cut_it(served)
     assert cut[-1].choices[0].finish_reason == "stop"
 
 
+def beside_others(served, others, request):
+    """`request()` while streamed requests hold rows of the batch, one per (prompt, options) of
+    `others`: its answer, and how many rows ran just after it."""
+    streams = [complete(served, prompt, stream=True, **options) for prompt, options in others]
+    for stream in streams:
+        next(iter(stream))  # its row is in the batch now
+    answer = request()
+    rows_after = served.batcher.load()[0]
+    for stream in streams:
+        stream.close()
+    wait_until(lambda: served.batcher.load() == (0, 0))  # closing them freed their rows
+    return answer, rows_after
+
+
 def test_a_seeded_request_gets_the_same_tokens_alone_or_in_a_batch(served):
     options = dict(max_tokens=30, seed=21, temperature=1.0, top_p=0.9)
     alone = complete(served, "Alone or not", **options).choices[0].text
-    others = [complete(served, p, max_tokens=N_CTX - 20, seed=i, stream=True)
+    others = [(p, dict(max_tokens=N_CTX - 20, seed=i))
               for i, p in enumerate(["A longer prompt than the one we check, by several words", "x", "Hey"])]
-    for stream in others:
-        next(iter(stream))  # its row is in the batch now
-    batched = complete(served, "Alone or not", **options).choices[0].text
-    rows_after = served.batcher.load()[0]
-    for stream in others:
-        stream.close()
-    wait_until(lambda: served.batcher.load() == (0, 0))  # closing them freed their rows
+    batched, rows_after = beside_others(served, others, lambda: complete(served, "Alone or not", **options))
     assert rows_after >= 3  # the others ran before it joined and after it left
-    assert batched == alone
+    assert batched.choices[0].text == alone
 
 
 # OpenAI's controls, and api.generate's under its names (extensions: the client's extra_body).
@@ -163,18 +171,13 @@ def test_controls_give_the_apis_text_alone_and_beside_requests_with_other_contro
     api_controls = dict(CONTROLS, logit_bias={int(k): v for k, v in CONTROLS["logit_bias"].items()})
     assert alone == served.gpt.generate("Controls on", 30, seed=9, temperature=0.9, stop_at_eot=True, **api_controls)
     assert alone != complete(served, "Controls on", **options).choices[0].text
-    others = [complete(served, p, max_tokens=N_CTX - 20, seed=i, stream=True, extra_body=extra)
+    others = [(p, dict(max_tokens=N_CTX - 20, seed=i, extra_body=extra))
               for i, (p, extra) in enumerate([("Other knobs here", dict(frequency_penalty=-1.5, bad_words=[[11, 13]])),
                                               ("y", dict(logit_bias={"262": 5})), ("None at all", {})])]
-    for stream in others:
-        next(iter(stream))  # its row is in the batch now
-    batched = complete(served, "Controls on", **options, extra_body=CONTROLS).choices[0].text
-    rows_after = served.batcher.load()[0]
-    for stream in others:
-        stream.close()
-    wait_until(lambda: served.batcher.load() == (0, 0))
+    batched, rows_after = beside_others(served, others,
+                                        lambda: complete(served, "Controls on", **options, extra_body=CONTROLS))
     assert rows_after >= 3
-    assert batched == alone
+    assert batched.choices[0].text == alone
 
 
 def test_a_logit_bias_of_minus_100_on_the_greedy_token_changes_it(served):
