@@ -183,7 +183,7 @@ class Model:
                                        seed=seed, stop_at_eot=stop_at_eot, logprobs=logprobs,
                                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                        frequency_penalty=frequency_penalty, logit_bias=self._bias_ids(logit_bias),
-                                       bad_words=self._bad_word_ids(bad_words), min_length=min_length)
+                                       bad_words=bad_word_ids(self.encoder, bad_words), min_length=min_length)
         return tokens, [RowText(self.encoder, stop, stop_at_eot) for _ in contexts]
 
     def _bias_ids(self, logit_bias):
@@ -200,22 +200,6 @@ class Model:
                 key = tokens[0]
             biases[key] = value
         return biases
-
-    def _bad_word_ids(self, bad_words):
-        """bad_words with each string as its tokens, and as its tokens after a space."""
-        if isinstance(bad_words, str):
-            bad_words = [bad_words]
-        if not isinstance(bad_words, (list, tuple)):
-            return bad_words  # the sampler says what it takes
-        words = []
-        for word in bad_words:
-            if not isinstance(word, str):
-                words.append(word)
-                continue
-            if not self.encode(word):
-                raise UserError(f"bad_words must be strings of at least one token, got {word!r}")
-            words += [self.encode(w) for w in dict.fromkeys([word] if word[0].isspace() else [word, " " + word])]
-        return words
 
     @staticmethod
     def _pieces(tokens, rows):
@@ -371,6 +355,24 @@ class Model:
         return texts[0] if isinstance(prompts, str) else texts
 
 
+def bad_word_ids(encoder, bad_words):
+    """bad_words with each string as its tokens, and as its tokens after a space (as `generate`
+    takes them); anything else is left for `processors.Controls.check` to judge."""
+    if isinstance(bad_words, str):
+        bad_words = [bad_words]
+    if not isinstance(bad_words, (list, tuple)):
+        return bad_words
+    words = []
+    for word in bad_words:
+        if not isinstance(word, str):
+            words.append(word)
+            continue
+        if not encoder.encode(word):
+            raise UserError(f"bad_words must be strings of at least one token, got {word!r}")
+        words += [encoder.encode(w) for w in dict.fromkeys([word] if word[0].isspace() else [word, " " + word])]
+    return words
+
+
 class TokenRecords:
     """Each row's tokens with their log-probabilities, as `generate(logprobs=N)` returns them."""
 
@@ -400,6 +402,11 @@ class RowText:
         self._text = ""
         self._emitted = 0
         self.finished = False
+
+    @property
+    def offset(self):
+        """Where the next token's text begins in the row's text: the characters decoded so far."""
+        return len(self._text)
 
     def ends_at(self, token):
         """Whether `token` ends the row without being part of its text (end-of-text)."""

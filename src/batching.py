@@ -6,16 +6,20 @@ join between steps, finished or cancelled rows leave, and every row in the batch
 a step. Rows share one position, each with its own left padding, as the engine's interface
 has them; when rows join (or half the batch has ended), the engine's `rearrange` and `concat`
 move the cache so that the padding is as small as it can be and the cache holds just the
-positions the rows will still write; an ended row answers at once and idles till then. Each row draws with its own knobs and seed, seeded by its own token count, so it
-gets the tokens it would get alone (and the ones `api.generate` gives for its seed).
+positions the rows will still write; an ended row answers at once and idles till then. Each row
+draws with its own knobs, generation controls and seed, seeded by its own token count, and its
+penalties count its own tokens (a `processors.Tally` row that moves with it), so it gets the
+tokens it would get alone (and the ones `api.generate` gives for its seed and controls).
 """
 import collections
 import threading
 from typing import NamedTuple
 
+import processors
 import sample
 from errors import UserError
 from runtime import tf
+
 
 class Draw(NamedTuple):
     """A step's tokens [B] and, when asked for, their log-probabilities [B] and the likeliest
@@ -41,23 +45,51 @@ class RowKnobs(NamedTuple):
         return RowKnobs(*(tf.TensorSpec([None], d) for d in (tf.float32, tf.int32, tf.float32, tf.int64, tf.int32)))
 
 
-def draw_rows(logits, knobs, n_logprobs):
-    """One token per row with the row's own knobs and seed, by `sample.sample_logits` on that row
-    alone, so a row draws the same token in any batch. n_logprobs -1 reports nothing."""
+class RowTensors(NamedTuple):
+    """What the compiled functions take of the rows besides their tokens and tally: built when
+    rows join or leave, not every step."""
+
+    knobs: RowKnobs
+    n_logprobs: tf.Tensor  # int32 scalar: the most likeliest tokens any row reports; -1 none
+    controls: processors.ControlTensors  # each row's own (`processors.row_tensors`)
+    word_rows: tf.Tensor  # [n] int32: the row of each bad word
+    pad: tf.Tensor  # [B] int32: each row's left padding in the cache
+
+
+def draw_rows(logits, knobs, n_logprobs, controls, word_rows, tally, eot_token):
+    """One token per row: the generation controls on the raw logits, each row with its own values
+    and tally (`processors.process`), then `sample.sample_logits` on that row alone with its own
+    knobs and seed, so a row draws the same token in any batch. n_logprobs -1 reports nothing;
+    the log-probabilities are the model's own, before the controls, as `sample.Sampler` reports.
+
+    Returns:
+        The `Draw` and the tally with the tokens counted.
+    """
+    raw = logits
+    # With every row's controls off the processors are skipped and the tally is empty.
+    logits = tf.cond(controls.on, lambda: processors.process(logits, controls, tally, knobs.index[:, None], eot_token,
+                                                             word_rows), lambda: logits)
+
     def one(args):
         row, temperature, top_k, top_p, seed, index = args
         row_knobs = sample.Knobs(temperature, top_k, top_p, seed, tf.constant(False), tf.constant(-1))
         return sample.sample_logits(row[None], row_knobs, tf.stack([seed, tf.cast(index, tf.int64)]))[0]
 
     token = tf.map_fn(one, (logits, *knobs), fn_output_signature=tf.int32)
+    tally = tf.cond(controls.on, lambda: processors.record(tally, token), lambda: tally)
     rows = tf.shape(token)[0]
-    report = tf.cond(n_logprobs >= 0, lambda: sample.token_logprobs(logits, token, tf.maximum(n_logprobs, 0)),
+    report = tf.cond(n_logprobs >= 0, lambda: sample.token_logprobs(raw, token, tf.maximum(n_logprobs, 0)),
                      lambda: (tf.zeros([rows]), tf.zeros([rows, 0]), tf.zeros([rows, 0], tf.int32)))
-    return Draw(token, *report)
+    return Draw(token, *report), tally
+
+
+def _gather(tally, rows):
+    return processors.Tally(*(tf.gather(t, rows) for t in tally))
 
 
 class Row:
-    """One sequence for the batcher: a prompt, how many tokens at most, its knobs.
+    """One sequence for the batcher: a prompt, how many tokens at most, its knobs and its
+    generation controls (`processors.Controls`, checked against the model's vocabulary).
 
     From the batcher's thread, `on_token(row, token, report)` gets each token drawn (report:
     None, or its log-probability and [(id, log-probability)] of the likeliest) and returns True
@@ -67,10 +99,11 @@ class Row:
     """
 
     def __init__(self, prompt, max_new_tokens, *, temperature=1.0, top_k=0, top_p=1.0, seed=None, logprobs=None,
-                 on_token=None, on_end=None):
+                 controls=processors.Controls(), on_token=None, on_end=None):
         self.prompt = [int(t) for t in prompt]
         self.max_new_tokens = int(max_new_tokens)
         self.knobs = sample.Knobs.check(temperature, top_k, top_p, seed, True, logprobs)
+        self.controls = controls
         self.on_token = on_token or (lambda row, token, report: False)
         self.on_end = on_end or (lambda row, reason: None)
         self.generated = 0
@@ -101,6 +134,7 @@ class Batcher:
     def __init__(self, engine, eot_token, max_rows=8):
         self.engine = engine
         self.n_ctx = engine.hparams.n_ctx
+        self.n_vocab = engine.hparams.n_vocab
         self.eot_token = eot_token
         self.max_rows = max_rows
         self._waiting = collections.deque()
@@ -108,10 +142,11 @@ class Batcher:
         self._stopping = False
         self._thread = None
         self.rows = []  # the running batch, in the cache's row order
-        self._state, self._pos = None, 0  # _pos: where the rows' pending tokens will be written
+        self._reset()
         self.stats = collections.Counter()
-        signature = [tf.TensorSpec([None, None], tf.float32), RowKnobs.spec(), tf.TensorSpec([], tf.int32)]
-        self._first = tf.function(draw_rows, autograph=False, input_signature=signature)
+        signature = [tf.TensorSpec([None, None], tf.float32), RowKnobs.spec(), tf.TensorSpec([], tf.int32),
+                     processors.ControlTensors.row_spec(), tf.TensorSpec([None], tf.int32), processors.Tally.spec()]
+        self._first = tf.function(self._draw, autograph=False, input_signature=signature)
         if getattr(engine, "host_loop", False):  # LiteRT: the step runs from Python, the draw compiled
             self._advance = self._host_step_and_draw
         else:
@@ -119,17 +154,26 @@ class Batcher:
                 tf.TensorSpec([None], tf.int32), engine.state_spec, tf.TensorSpec([], tf.int32),
                 tf.TensorSpec([None], tf.int32), *signature[1:]])
 
+    def _reset(self):
+        self.rows, self._state, self._pos = [], None, 0  # _pos: where the rows' pending tokens will be written
+        self._tally = self._tensors = self._token = None  # the rows', built when they change
+
     def cache_bytes(self):
         """The most the running batch's cache holds: max_rows rows of the whole window."""
         return self.max_rows * self.n_ctx * self.engine.cache_bytes_per_position()
 
-    def _step_and_draw(self, token, state, pos, pad, knobs, n_logprobs):
-        logits, state = self.engine.step(token, pos, pad, state)
-        return draw_rows(logits, knobs, n_logprobs), state
+    def _draw(self, logits, knobs, n_logprobs, controls, word_rows, tally):
+        return draw_rows(logits, knobs, n_logprobs, controls, word_rows, tally, self.eot_token)
 
-    def _host_step_and_draw(self, token, state, pos, pad, knobs, n_logprobs):
+    def _step_and_draw(self, token, state, pos, pad, knobs, n_logprobs, controls, word_rows, tally):
         logits, state = self.engine.step(token, pos, pad, state)
-        return self._first(tf.constant(logits), knobs, n_logprobs), state
+        draw, tally = self._draw(logits, knobs, n_logprobs, controls, word_rows, tally)
+        return draw, state, tally, knobs.index + 1
+
+    def _host_step_and_draw(self, token, state, pos, pad, knobs, n_logprobs, controls, word_rows, tally):
+        logits, state = self.engine.step(token, pos, pad, state)
+        draw, tally = self._first(tf.constant(logits), knobs, n_logprobs, controls, word_rows, tally)
+        return draw, state, tally, knobs.index + 1
 
     def submit(self, rows):
         """Queues rows; they join the batch in order, between steps, as room allows."""
@@ -180,19 +224,25 @@ class Batcher:
                 traceback.print_exc()
                 for row in self._live():
                     self._end(row, "error")
-                self.rows, self._state, self._pos = [], None, 0
+                self._reset()
 
-    @staticmethod
-    def _row_knobs(rows):
-        return RowKnobs(tf.constant([r.knobs.temperature for r in rows], tf.float32),
-                        tf.constant([r.knobs.top_k for r in rows], tf.int32),
-                        tf.constant([r.knobs.top_p for r in rows], tf.float32),
-                        tf.constant([r.knobs.seed for r in rows], tf.int64),
-                        tf.constant([r.generated for r in rows], tf.int32))
+    def _row_tensors(self, rows):
+        # An ended row's controls are off: once the live rows' are, the processors are skipped.
+        controls, word_rows = processors.row_tensors([processors.Controls() if r.ended else r.controls for r in rows],
+                                                     self.n_vocab)
+        knobs = RowKnobs(tf.constant([r.knobs.temperature for r in rows], tf.float32),
+                         tf.constant([r.knobs.top_k for r in rows], tf.int32),
+                         tf.constant([r.knobs.top_p for r in rows], tf.float32),
+                         tf.constant([r.knobs.seed for r in rows], tf.int64),
+                         tf.constant([r.generated for r in rows], tf.int32))
+        return RowTensors(knobs, tf.constant(max(r.knobs.logprobs for r in rows), tf.int32), controls, word_rows,
+                          tf.constant([r.pad for r in rows], tf.int32))
 
-    @staticmethod
-    def _n_logprobs(rows):
-        return tf.constant(max(r.knobs.logprobs for r in rows), tf.int32)
+    def _fitted(self, rows, tallies):
+        """The tallies (of `rows`, in order) as one, as wide and deep as the rows' controls need."""
+        width, depth = processors.rows_shape([processors.Controls() if r.ended else r.controls for r in rows],
+                                             self.n_vocab)
+        return processors.Tally(*(tf.concat(parts, axis=0) for parts in zip(*(t.fit(width, depth) for t in tallies))))
 
     def _take(self, rows, draw):
         """Hands each row its token; a row that ends there is marked. Ended rows get none."""
@@ -216,15 +266,16 @@ class Batcher:
                 self._end(row, row.ended)
 
     def _step(self):
-        rows = self.rows
-        token = tf.constant([r.token for r in rows], tf.int32)
-        pad = tf.constant([r.pad for r in rows], tf.int32)
-        draw, self._state = self._advance(token, self._state, tf.constant(self._pos), pad, self._row_knobs(rows),
-                                          self._n_logprobs(rows))
+        t = self._tensors
+        draw, self._state, self._tally, index = self._advance(self._token, self._state, tf.constant(self._pos), t.pad,
+                                                              t.knobs, t.n_logprobs, t.controls, t.word_rows,
+                                                              self._tally)
+        self._token = draw.token
+        self._tensors = t._replace(knobs=t.knobs._replace(index=index))
         self._pos += 1
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._live()))
-        self._take(rows, draw)
+        self._take(self.rows, draw)
 
     def _end(self, row, reason):
         row.ended = row.ended or reason
@@ -238,17 +289,34 @@ class Batcher:
         for row in self._live():
             if row.cancelled:
                 self._end(row, "cancelled")
-        live = [i for i, r in enumerate(self.rows) if not r.ended]
+        live = self._live()
         if not live:
-            self.rows, self._state, self._pos = [], None, 0
+            self._reset()
         elif len(live) <= len(self.rows) // 2 and not self._waiting:
-            kept = [self.rows[i] for i in live]
-            shift = min(r.pad for r in kept)
-            capacity = self._pos - shift + max(r.left() for r in kept)
-            self._state = self.engine.rearrange(self._state, len(self.rows), live, shift, capacity)
-            for row in kept:
-                row.pad -= shift
-            self.rows, self._pos = kept, self._pos - shift
+            pos, shift, capacity = self._layout(self._pos, [])
+            state, tally = self._move_running(pos, shift, capacity)
+            self._settle(state, pos - shift, [tally])
+
+    def _move_running(self, pos, shift, capacity):
+        """Drops the ended rows of the running batch and moves the others where `_layout` put
+        them: the cache and tally of those left (None when none is)."""
+        live = [i for i, r in enumerate(self.rows) if not r.ended]
+        moved = None, None
+        if live:
+            moved = (self.engine.rearrange(self._state, len(self.rows), live, self._pos - pos + shift, capacity),
+                     _gather(self._tally, live))
+            for i in live:
+                self.rows[i].pad += pos - self._pos - shift
+        self.rows = [self.rows[i] for i in live]
+        return moved
+
+    def _settle(self, state, pos, tallies):
+        """Makes `state` the running batch's cache, its rows' pending tokens written at `pos`, and
+        builds what the steps take of the rows, `tallies` (theirs, in order) as one."""
+        self._state, self._pos = state, pos
+        self._tally = self._fitted(self.rows, tallies)
+        self._tensors = self._row_tensors(self.rows)
+        self._token = tf.constant([r.token for r in self.rows], tf.int32)
 
     def _layout(self, longest, joining):
         """Where the batch goes if `joining` rows, prefilled over `longest` positions, join it:
@@ -288,10 +356,12 @@ class Batcher:
         tokens = tf.constant([[self.eot_token] * (longest - len(r.prompt)) + r.prompt for r in joining], tf.int32)
         for row in joining:
             row.pad = longest - len(row.prompt)
-        logits, state = self.engine.prefill(tokens, tf.constant([r.pad for r in joining], tf.int32),
-                                            tf.constant(longest))
+        joined = self._row_tensors(joining)
+        logits, state = self.engine.prefill(tokens, joined.pad, tf.constant(longest))
         self.stats["prefilled_rows"] += len(joining)
-        self._take(joining, self._first(logits, self._row_knobs(joining), self._n_logprobs(joining)))
+        tally = self._fitted(joining, [r.controls.tally([r.prompt], self.n_vocab) for r in joining])
+        draw, tally = self._first(logits, joined.knobs, joined.n_logprobs, joined.controls, joined.word_rows, tally)
+        self._take(joining, draw)
         staying = [i for i, r in enumerate(joining) if not r.ended]
         if not staying:
             return
@@ -300,12 +370,11 @@ class Batcher:
         state = self.engine.rearrange(state, prefilled, staying, longest - pos + shift, capacity)
         for row in joining:
             row.pad += pos - longest - shift
-        live = [i for i, r in enumerate(self.rows) if not r.ended]
-        if live:
-            # Ended rows leave here too: the running rows are moved once either way.
-            running = self.engine.rearrange(self._state, len(self.rows), live, self._pos - pos + shift, capacity)
-            for i in live:
-                self.rows[i].pad += pos - self._pos - shift
+        # Ended rows leave here too: the running rows are moved once either way.
+        running, running_tally = self._move_running(pos, shift, capacity)
+        tallies = [_gather(tally, staying)]
+        if running is not None:
             state = self.engine.concat(running, state, capacity)
-        self.rows = [self.rows[i] for i in live] + joining
-        self._state, self._pos = state, pos - shift
+            tallies.insert(0, running_tally)
+        self.rows += joining
+        self._settle(state, pos - shift, tallies)

@@ -312,11 +312,52 @@ def _percentiles(name, seconds):
             f"{name}_p99_ms": float(np.percentile(seconds, 99)) * 1000}
 
 
+def _mixed_figures(port, pid, model_name, mixed, mixed_clients):
+    """`mixed` requests of mixed sizes from `mixed_clients` clients to serve.py on `port`."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    results = {}
+    rng = random.Random(0)
+    words = [f" w{i}" for i in range(500)]
+    bodies = [dict(model=model_name, prompt="".join(rng.choices(words, k=rng.randint(1, 100))),
+                   max_tokens=rng.randint(1, 64), n=rng.choice([1, 1, 1, 2]), temperature=rng.choice([0, 0.7, 1]),
+                   top_p=rng.choice([0.9, 1.0]), seed=i, stop=rng.choice([None, "\n", [" w1", " w2"]]))
+              for i in range(mixed)]
+    rss, errors, timings = [_rss_mib(pid)], 0, []
+
+    def send(body):
+        try:
+            return _streamed_completion(port, body)
+        except (RuntimeError, OSError):
+            return None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(mixed_clients) as pool:
+        for i, timing in enumerate(pool.map(send, bodies)):
+            errors += timing is None
+            timings.append(timing)
+            if (i + 1) % max(1, mixed // 10) == 0:
+                rss.append(_rss_mib(pid))
+    seconds = time.perf_counter() - start
+    done = [t for t in timings if t is not None]
+    results.update({f"serve_mixed{mixed}_errors": errors, f"serve_mixed{mixed}_seconds": seconds,
+                    f"serve_mixed{mixed}_tok_s": sum(t for _, _, t in done) / seconds,
+                    f"serve_mixed{mixed}_rss_mib_by_tenth": " ".join(f"{r:.0f}" for r in rss)})
+    results.update(_percentiles(f"serve_mixed{mixed}_latency", [total for _, total, _ in done]))
+    results.update(_percentiles(f"serve_mixed{mixed}_first_token", [first for first, _, _ in done]))
+    return results
+
+
+# Generation controls for the serve figures' controlled round: every one the batch tallies per row.
+SERVE_CONTROLS = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, logit_bias={"50256": -100})
+
+
 def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed=1000, mixed_clients=16, engine="tf"):
     """serve.py as a user starts it, measured over HTTP: `clients` concurrent requests of
-    `new_tokens` tokens against the same requests one after another (tokens/s), latencies, and
-    `mixed` requests of mixed sizes from `mixed_clients` clients (errors, the server's RSS)."""
-    import random
+    `new_tokens` tokens against the same requests one after another (tokens/s), latencies, the
+    concurrent ones again with generation controls on, and `mixed` requests of mixed sizes from
+    `mixed_clients` clients (errors, the server's RSS; 0 skips them)."""
     import socket
     from concurrent.futures import ThreadPoolExecutor
 
@@ -352,34 +393,14 @@ def serve_figures(model_name, models_dir, dtype, clients=8, new_tokens=64, mixed
         results.update(_percentiles("serve_sequential_latency", [total for _, total, _ in alone]))
         results.update(_percentiles(f"serve_concurrent{clients}_latency", [total for _, total, _ in together]))
         results.update(_percentiles(f"serve_concurrent{clients}_first_token", [first for first, _, _ in together]))
-        rng = random.Random(0)
-        words = [f" w{i}" for i in range(500)]
-        bodies = [dict(model=model_name, prompt="".join(rng.choices(words, k=rng.randint(1, 100))),
-                       max_tokens=rng.randint(1, 64), n=rng.choice([1, 1, 1, 2]), temperature=rng.choice([0, 0.7, 1]),
-                       top_p=rng.choice([0.9, 1.0]), seed=i, stop=rng.choice([None, "\n", [" w1", " w2"]]))
-                  for i in range(mixed)]
-        rss, errors, timings = [_rss_mib(server.pid)], 0, []
-
-        def send(body):
-            try:
-                return _streamed_completion(port, body)
-            except (RuntimeError, OSError):
-                return None
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(mixed_clients) as pool:
-            for i, timing in enumerate(pool.map(send, bodies)):
-                errors += timing is None
-                timings.append(timing)
-                if (i + 1) % (mixed // 10) == 0:
-                    rss.append(_rss_mib(server.pid))
-        seconds = time.perf_counter() - start
-        done = [t for t in timings if t is not None]
-        results.update({f"serve_mixed{mixed}_errors": errors, f"serve_mixed{mixed}_seconds": seconds,
-                        f"serve_mixed{mixed}_tok_s": sum(t for _, _, t in done) / seconds,
-                        f"serve_mixed{mixed}_rss_mib_by_tenth": " ".join(f"{r:.0f}" for r in rss)})
-        results.update(_percentiles(f"serve_mixed{mixed}_latency", [total for _, total, _ in done]))
-        results.update(_percentiles(f"serve_mixed{mixed}_first_token", [first for first, _, _ in done]))
+        with ThreadPoolExecutor(clients) as pool:
+            start = time.perf_counter()
+            controlled = list(pool.map(lambda body: _streamed_completion(port, dict(body, **SERVE_CONTROLS)), fixed))
+            with_controls = sum(t for _, _, t in controlled) / (time.perf_counter() - start)
+        results.update({f"serve_concurrent{clients}_controls_tok_s": with_controls,
+                        f"serve_concurrent{clients}_controls_over_off": with_controls / concurrent})
+        if mixed:
+            results.update(_mixed_figures(port, server.pid, model_name, mixed, mixed_clients))
     finally:
         server.terminate()
         try:
@@ -394,7 +415,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
               length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
               script=True, train=True, train_batch=1, train_length=256, train_steps=4, train_precision="float32",
               serve=False, engine="tf", train_optimizer="adam", train_lora_rank=0,
-              memory_saving_gradients=False):
+              memory_saving_gradients=False, serve_mixed=1000):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -420,10 +441,12 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         train_steps: Timed training steps (after two warm-up steps).
         train_precision: float32, mixed_bfloat16 or mixed_float16, as train.py's --precision.
         serve: Measure serve.py over HTTP: 8 concurrent clients of 64 tokens against the same
-            requests one after another, latencies, and 1000 mixed requests from 16 clients.
+            requests one after another, latencies, the same with generation controls on, and
+            `serve_mixed` mixed requests from 16 clients.
         train_optimizer: adam, sgd or adafactor, as train.py's --optimizer.
         train_lora_rank: Train LoRA adapters of this rank on every target instead of the weights (0: off).
         memory_saving_gradients: Recompute each block's activations in training, as train.py's flag.
+        serve_mixed: Mixed requests for --serve (0: none, for a quick round).
     """
     if not keep_grappler:
         runtime.fast_start()
@@ -468,7 +491,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
             if hf and _hf_installed():
                 results["hf_train_tok_s"] = hf_train_rate(trained, train_batch, train_length, train_steps)
         if serve:
-            results.update(serve_figures(model_name, models_dir, dtype, engine=engine))
+            results.update(serve_figures(model_name, models_dir, dtype, mixed=serve_mixed, engine=engine))
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -10,6 +10,8 @@ beside its repetition penalty:
 `Controls` holds a stream's checked values; `tensors()` gives the form the compiled loop takes, so
 one trace serves every value. `Tally` is what the loop keeps per row for them: counts of the
 tokens generated, which tokens the prompt holds, and the last tokens, for multi-token bad words.
+A batch whose rows each have their own (the server's) takes `row_tensors` and `Tally.fit`, and
+`process` applies the same rules row by row.
 """
 import math
 from typing import NamedTuple
@@ -49,7 +51,7 @@ def presence_frequency_logits(logits, counts, presence, frequency):
     return logits - counts * frequency - tf.cast(counts > 0, logits.dtype) * presence
 
 
-def bad_words_logits(logits, history, prefixes, last):
+def bad_words_logits(logits, history, prefixes, last, word_rows=None):
     """Bans the last token of every bad word whose other tokens end the row's text.
 
     Args:
@@ -57,18 +59,22 @@ def bad_words_logits(logits, history, prefixes, last):
         history: [batch, H] int32, each row's last H tokens (NONE before the prompt's first).
         prefixes: [n, H] int32, each bad word's tokens but its last, right-aligned, ANY before them.
         last: [n] int32, each bad word's last token.
+        word_rows: [n] int32, the row each bad word is banned in; None bans every word in every row.
     """
     matches = tf.reduce_all(tf.logical_or(tf.equal(prefixes[None], history[:, None]), tf.equal(prefixes[None], ANY)),
                             axis=-1)  # [batch, n]
+    if word_rows is not None:
+        matches = tf.logical_and(matches, tf.equal(word_rows[None], tf.range(tf.shape(history)[0])[:, None]))
     where = tf.where(matches)  # [m, 2]: (row, bad word)
     banned = tf.stack([tf.cast(where[:, 0], tf.int32), tf.gather(last, where[:, 1])], axis=1)  # [m, 2]: (row, token)
     return tf.tensor_scatter_nd_update(logits, banned, tf.fill(tf.shape(banned)[:1], tf.cast(MASKED, logits.dtype)))
 
 
 def min_length_logits(logits, new_tokens, min_length, eot_token):
-    """Bans end-of-text while fewer than `min_length` new tokens are out (`new_tokens` of them)."""
+    """Bans end-of-text while fewer than `min_length` new tokens are out (`new_tokens` of them):
+    scalars for every row alike, or [batch, 1] for each row its own."""
     ban = tf.logical_and(new_tokens < min_length, tf.equal(tf.range(tf.shape(logits)[-1]), eot_token))
-    return tf.where(ban[None], tf.cast(MASKED, logits.dtype), logits)
+    return tf.where(ban, tf.cast(MASKED, logits.dtype), logits)
 
 
 class Tally(NamedTuple):
@@ -83,6 +89,20 @@ class Tally(NamedTuple):
         return Tally(tf.TensorSpec([batch, None], tf.int32), tf.TensorSpec([batch, None], tf.bool),
                      tf.TensorSpec([batch, None], tf.int32))
 
+    def fit(self, width, depth):
+        """This tally with `width` vocabulary columns and `depth` history ones, as rows joining
+        a batch take the batch's: a width that changes goes from none to the vocabulary or back,
+        so it is only ever zeros or empty (every row's controls off); history keeps its last
+        `depth` tokens, with NONE before."""
+        rows = tf.shape(self.counts)[0]
+        counts, in_prompt, history = self
+        if counts.shape[1] != width:
+            counts, in_prompt = tf.zeros([rows, width], tf.int32), tf.zeros([rows, width], tf.bool)
+        held = history.shape[1]
+        if held < depth:
+            history = tf.concat([tf.fill([rows, depth - held], NONE), history], axis=1)
+        return Tally(counts, in_prompt, history[:, held - depth:] if held > depth else history)
+
 
 def record(tally, token):
     """The tally after each row generated `token` [batch]."""
@@ -92,21 +112,22 @@ def record(tally, token):
     return Tally(counts, tally.in_prompt, history)
 
 
-def process(logits, controls, tally, new_tokens, eot_token):
+def process(logits, controls, tally, new_tokens, eot_token, word_rows=None):
     """All the processors, in the order of the module's docstring.
 
     Args:
         logits: [batch, vocab] float32, the model's raw next-token logits.
-        controls: `Controls` of tensors.
+        controls: `ControlTensors` of one stream, or of each row its own (`ControlTensors.rows`).
         tally: `Tally` of the rows so far.
-        new_tokens: int32 scalar, how many new tokens each row has already.
+        new_tokens: int32, how many new tokens each row has already: a scalar, or [batch, 1].
         eot_token: the end-of-text id.
+        word_rows: each bad word's row, for rows' own controls (see `bad_words_logits`).
     """
     logits = bias_logits(logits, controls.logit_bias)
     seen = tf.logical_or(tally.in_prompt, tally.counts > 0)
     logits = repetition_penalty_logits(logits, seen, controls.repetition_penalty)
     logits = presence_frequency_logits(logits, tally.counts, controls.presence_penalty, controls.frequency_penalty)
-    logits = bad_words_logits(logits, tally.history, controls.bad_prefixes, controls.bad_last)
+    logits = bad_words_logits(logits, tally.history, controls.bad_prefixes, controls.bad_last, word_rows)
     return min_length_logits(logits, new_tokens, controls.min_length, eot_token)
 
 
@@ -182,19 +203,28 @@ class Controls(NamedTuple):
     def on(self):
         return self != Controls()
 
-    def tensors(self, n_vocab):
-        """The loop's form: scalars, the bias [vocab] and the bad words as prefixes [n, H] and
-        last tokens [n]; everything empty when off, so nothing is built for it."""
-        width = n_vocab if self.on else 0
+    @property
+    def depth(self):
+        """The history the bad words need: the longest one's tokens but its last."""
+        return max((len(w) for w in self.bad_words), default=1) - 1
+
+    def arrays(self, width, depth):
+        """The bias [width] (width 0 when every control is off, else the vocabulary's) and the
+        bad words as prefixes [n, depth] (depth >= `self.depth`) and last tokens [n], as numpy."""
         bias = np.zeros([width], np.float32)
         for token, value in self.logit_bias:
             bias[token] = value
-        depth = max((len(w) for w in self.bad_words), default=1) - 1
         prefixes = np.full([len(self.bad_words), depth], ANY, np.int32)
         for i, word in enumerate(self.bad_words):
             if len(word) > 1:
                 prefixes[i, depth - len(word) + 1:] = word[:-1]
         last = np.array([w[-1] for w in self.bad_words], np.int32)
+        return bias, prefixes, last
+
+    def tensors(self, n_vocab):
+        """The loop's form: scalars, the bias [vocab] and the bad words as prefixes [n, H] and
+        last tokens [n]; everything empty when off, so nothing is built for it."""
+        bias, prefixes, last = self.arrays(n_vocab if self.on else 0, self.depth)
         return ControlTensors(tf.constant(self.on), tf.constant(self.repetition_penalty, tf.float32),
                               tf.constant(self.presence_penalty, tf.float32),
                               tf.constant(self.frequency_penalty, tf.float32), tf.constant(bias),
@@ -203,7 +233,7 @@ class Controls(NamedTuple):
     def tally(self, contexts, n_vocab):
         """The `Tally` of rows starting from `contexts` (token lists, unpadded)."""
         width = n_vocab if self.on else 0
-        depth = max((len(w) for w in self.bad_words), default=1) - 1
+        depth = self.depth
         in_prompt = np.zeros([len(contexts), width], bool)
         history = np.full([len(contexts), depth], NONE, np.int32)
         for row, context in enumerate(contexts):
@@ -232,3 +262,36 @@ class ControlTensors(NamedTuple):
         return ControlTensors(tf.TensorSpec([], tf.bool), scalar, scalar, scalar, tf.TensorSpec([None], tf.float32),
                               tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32),
                               tf.TensorSpec([], tf.int32))
+
+    @staticmethod
+    def row_spec():
+        """The spec of `row_tensors`' form."""
+        column = tf.TensorSpec([None, 1], tf.float32)
+        return ControlTensors(tf.TensorSpec([], tf.bool), column, column, column,
+                              tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None, None], tf.int32),
+                              tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 1], tf.int32))
+
+
+def rows_shape(controls, n_vocab):
+    """The tally's width and depth for rows with these `Controls` (one each): the vocabulary if
+    any row's are on, else none; the history the longest bad word needs."""
+    return (n_vocab if any(c.on for c in controls) else 0), max(c.depth for c in controls)
+
+
+def row_tensors(controls, n_vocab):
+    """Rows with their own `Controls` (one each) as `process` takes them: `ControlTensors` of
+    per-row values (the scalars [batch, 1], the bias [batch, vocab], every row's bad words in one
+    table) and `word_rows` [n], the row of each bad word. With every row's off, as empty as
+    `Controls.tensors` makes them."""
+    width, depth = rows_shape(controls, n_vocab)
+    bias, prefixes, last = zip(*(c.arrays(width, depth) for c in controls))
+
+    def column(name, dtype):
+        return tf.constant(np.array([getattr(c, name) for c in controls], dtype)[:, None])
+
+    tensors = ControlTensors(tf.constant(width > 0), column("repetition_penalty", np.float32),
+                             column("presence_penalty", np.float32), column("frequency_penalty", np.float32),
+                             tf.constant(np.stack(bias)), tf.constant(np.concatenate(prefixes)),
+                             tf.constant(np.concatenate(last)), column("min_length", np.int32))
+    word_rows = np.repeat(np.arange(len(controls), dtype=np.int32), [len(c.bad_words) for c in controls])
+    return tensors, tf.constant(word_rows)

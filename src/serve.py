@@ -8,6 +8,7 @@ POST /v1/completions, GET /v1/models and GET /health, on Starlette and uvicorn, 
 import asyncio
 import json
 import math
+import re
 import signal
 import time
 import uuid
@@ -21,10 +22,11 @@ MAX_N = 128
 MAX_STOPS = 4
 DEFAULT_MAX_TOKENS = 16
 # Accepted for compatibility; any value but these (the API's defaults) is refused as unsupported.
-UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},),
-               "presence_penalty": (0,), "frequency_penalty": (0,)}
+UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",)}
+# The generation controls: OpenAI's, then api.generate's under its names, where OpenAI has none.
+CONTROLS = ("presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty", "bad_words", "min_length")
 KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "logprobs",
-         "stream", "stream_options", "user", *UNSUPPORTED}
+         "stream", "stream_options", "user", *CONTROLS, *UNSUPPORTED}
 
 
 class ApiError(Exception):
@@ -104,6 +106,7 @@ class CompletionRequest:
             except UserError as e:
                 raise ApiError(str(e), "seed") from None
         self.seed = seed
+        self.controls = self._controls(body, encoder, n_vocab)
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
@@ -118,6 +121,32 @@ class CompletionRequest:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise ApiError("stream_options may only hold include_usage", "stream_options")
         self.include_usage = bool(options.get("include_usage"))
+
+    @staticmethod
+    def _controls(body, encoder, n_vocab):
+        """The checked `processors.Controls`; logit_bias maps token ids written as strings, as
+        JSON has its keys, to numbers."""
+        import api
+        import processors
+
+        values = {name: body[name] for name in CONTROLS if body.get(name) is not None}
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if name in values:
+                values[name] = _number(body, name, None)
+        bias = values.get("logit_bias")
+        if isinstance(bias, dict):
+            for key, value in bias.items():
+                if not re.fullmatch("[0-9]+", key):
+                    raise ApiError(f"logit_bias keys must be token ids, like \"50256\", got {key!r}", "logit_bias")
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ApiError(f"logit_bias values must be numbers from -100 to 100, got {value!r}", "logit_bias")
+            values["logit_bias"] = {int(key): value for key, value in bias.items()}
+        try:
+            if "bad_words" in values:
+                values["bad_words"] = api.bad_word_ids(encoder, values["bad_words"])
+            return processors.Controls.check(**values, n_vocab=n_vocab)
+        except UserError as e:
+            raise ApiError(str(e), str(e).split()[0]) from None
 
     @staticmethod
     def _prompts(prompt, encoder, n_vocab):
@@ -162,7 +191,7 @@ class Completion:
                 self._texts[index] = api.RowText(encoder, request.stop, True)
                 self.rows.append(batching.Row(
                     prompt, request.max_tokens, seed=request.row_seed(index), logprobs=request.logprobs,
-                    on_token=lambda row, token, report, i=index: self._on_token(i, token, report),
+                    controls=request.controls, on_token=lambda row, token, report, i=index: self._on_token(i, token, report),
                     on_end=lambda row, reason, i=index: self._on_end(i, row, reason), **request.knobs))
         self.completion_tokens = 0
         batcher.submit(self.rows)
@@ -176,11 +205,12 @@ class Completion:
     def _on_token(self, index, token, report):
         text = self._texts[index]
         entry = None
-        if report is not None and not text.finished and not text.ends_at(token):
-            logprob, top = report
-            entry = (self.encoder.decode([token]), logprob, {self.encoder.decode([t]): v for t, v in top})
-        if not text.ends_at(token) and not text.finished:
+        if not text.finished and not text.ends_at(token):
             self.completion_tokens += 1
+            if report is not None:
+                logprob, top = report
+                entry = (self.encoder.decode([token]), logprob, {self.encoder.decode([t]): v for t, v in top},
+                         text.offset)
         piece = text.feed([token])
         if piece or entry:
             self._put(index, piece, entry, None)
@@ -210,19 +240,15 @@ class Completion:
 
 
 class Logprobs:
-    """A choice's log-probabilities in the completions API's form."""
+    """A choice's log-probabilities in the completions API's form; `text_offset` gives where each
+    token's text begins in the choice's text, streamed or not."""
 
-    def __init__(self, offset):
+    def __init__(self):
         self.body = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        self._offset = offset
 
     def add(self, entry):
-        token, logprob, top = entry
-        self.body["tokens"].append(token)
-        self.body["token_logprobs"].append(logprob)
-        self.body["top_logprobs"].append(top)
-        self.body["text_offset"].append(self._offset)
-        self._offset += len(token)
+        for name, value in zip(("tokens", "token_logprobs", "top_logprobs", "text_offset"), entry):
+            self.body[name].append(value)
 
 
 def create_app(batcher, encoder, model_id):
@@ -271,7 +297,7 @@ def create_app(batcher, encoder, model_id):
     async def _collect(completion, head, gone):
         n = len(completion.rows)
         texts, reasons = [""] * n, [None] * n
-        logprobs = [Logprobs(0) if completion.request.logprobs is not None else None for _ in range(n)]
+        logprobs = [Logprobs() if completion.request.logprobs is not None else None for _ in range(n)]
         async for index, piece, entry, reason in _until(completion, gone):
             texts[index] += piece
             reasons[index] = reason or reasons[index]
@@ -312,7 +338,7 @@ def create_app(batcher, encoder, model_id):
                 async for index, piece, entry, reason in completion:
                     logprobs = None
                     if entry:
-                        logprobs = Logprobs(0)
+                        logprobs = Logprobs()
                         logprobs.add(entry)
                         logprobs = logprobs.body
                     yield event([{"text": piece, "index": index, "logprobs": logprobs, "finish_reason": reason}])

@@ -108,3 +108,31 @@ def test_before_the_encoder_text_is_taken_and_numbers_are_checked():
         Controls.check(bad_words=["fine", ""])
     with pytest.raises(UserError, match="logit_bias must be a number"):
         Controls.check(logit_bias={" the": "high"})
+
+
+def test_rows_with_their_own_controls_get_each_its_own_processing():
+    first = Controls.check(logit_bias={1: 2.0}, presence_penalty=1.0, bad_words=[[3, 2]], min_length=2, n_vocab=5)
+    second = Controls.check(repetition_penalty=2.0, bad_words=[[0]], n_vocab=5)
+    controls, word_rows = processors.row_tensors([first, Controls(), second], 5)
+    assert word_rows.numpy().tolist() == [0, 2] and controls.logit_bias.shape == (3, 5)
+    width, depth = processors.rows_shape([first, Controls(), second], 5)
+    tallies = [c.tally([[3]], 5).fit(width, depth) for c in (first, Controls(), second)]
+    tally = processors.record(processors.Tally(*(tf.concat(t, axis=0) for t in zip(*tallies))), tf.constant([4, 4, 4]))
+    out = processors.process(tf.fill([3, 5], 2.0), controls, tally, tf.constant([[1], [1], [1]]), 4,
+                             word_rows).numpy()
+    alone = [processors.process(tf.fill([1, 5], 2.0), c.tensors(5), processors.record(c.tally([[3]], 5),
+                                                                                     tf.constant([4])), 1, 4).numpy()[0]
+             for c in (first, second)]
+    np.testing.assert_array_equal(out[0], alone[0])
+    np.testing.assert_array_equal(out[1], np.full([5], 2.0))  # controls off: untouched
+    np.testing.assert_array_equal(out[2], alone[1])
+    assert out[0, 4] == MASKED and out[2, 4] != MASKED  # min_length is the first row's alone
+
+
+def test_a_tally_fits_a_batch_by_adding_columns_or_cutting_its_oldest_history():
+    tally = Controls.check(bad_words=[[1, 2, 3]], n_vocab=6).tally([[4, 5]], 6)
+    wider = tally.fit(6, 4)
+    assert wider.history.numpy().tolist() == [[processors.NONE, processors.NONE, 4, 5]]
+    assert wider.fit(6, 1).history.numpy().tolist() == [[5]]
+    assert Controls().tally([[4]], 6).fit(6, 0).counts.shape == (1, 6)
+    assert tally.fit(0, 2).in_prompt.shape == (1, 0)

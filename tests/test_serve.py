@@ -136,20 +136,67 @@ def test_streaming_gives_the_same_text_in_pieces_and_stop_strings_cut_it(served)
     assert cut[-1].choices[0].finish_reason == "stop"
 
 
+def beside_others(served, others, request):
+    """`request()` while streamed requests hold rows of the batch, one per (prompt, options) of
+    `others`: its answer, and how many rows ran just after it."""
+    streams = [complete(served, prompt, stream=True, **options) for prompt, options in others]
+    for stream in streams:
+        next(iter(stream))  # its row is in the batch now
+    answer = request()
+    rows_after = served.batcher.load()[0]
+    for stream in streams:
+        stream.close()
+    wait_until(lambda: served.batcher.load() == (0, 0))  # closing them freed their rows
+    return answer, rows_after
+
+
 def test_a_seeded_request_gets_the_same_tokens_alone_or_in_a_batch(served):
     options = dict(max_tokens=30, seed=21, temperature=1.0, top_p=0.9)
     alone = complete(served, "Alone or not", **options).choices[0].text
-    others = [complete(served, p, max_tokens=N_CTX - 20, seed=i, stream=True)
+    others = [(p, dict(max_tokens=N_CTX - 20, seed=i))
               for i, p in enumerate(["A longer prompt than the one we check, by several words", "x", "Hey"])]
-    for stream in others:
-        next(iter(stream))  # its row is in the batch now
-    batched = complete(served, "Alone or not", **options).choices[0].text
-    rows_after = served.batcher.load()[0]
-    for stream in others:
-        stream.close()
-    wait_until(lambda: served.batcher.load() == (0, 0))  # closing them freed their rows
+    batched, rows_after = beside_others(served, others, lambda: complete(served, "Alone or not", **options))
     assert rows_after >= 3  # the others ran before it joined and after it left
-    assert batched == alone
+    assert batched.choices[0].text == alone
+
+
+# OpenAI's controls, and api.generate's under its names (extensions: the client's extra_body).
+CONTROLS = dict(presence_penalty=1.2, frequency_penalty=0.6, logit_bias={"13": 3.0, "11": -100}, repetition_penalty=1.3,
+                bad_words=["the"], min_length=4)
+
+
+def test_controls_give_the_apis_text_alone_and_beside_requests_with_other_controls(served):
+    options = dict(max_tokens=30, seed=9, temperature=0.9)
+    alone = complete(served, "Controls on", **options, extra_body=CONTROLS).choices[0].text
+    api_controls = dict(CONTROLS, logit_bias={int(k): v for k, v in CONTROLS["logit_bias"].items()})
+    assert alone == served.gpt.generate("Controls on", 30, seed=9, temperature=0.9, stop_at_eot=True, **api_controls)
+    assert alone != complete(served, "Controls on", **options).choices[0].text
+    others = [(p, dict(max_tokens=N_CTX - 20, seed=i, extra_body=extra))
+              for i, (p, extra) in enumerate([("Other knobs here", dict(frequency_penalty=-1.5, bad_words=[[11, 13]])),
+                                              ("y", dict(logit_bias={"262": 5})), ("None at all", {})])]
+    batched, rows_after = beside_others(served, others,
+                                        lambda: complete(served, "Controls on", **options, extra_body=CONTROLS))
+    assert rows_after >= 3
+    assert batched.choices[0].text == alone
+
+
+def test_a_logit_bias_of_minus_100_on_the_greedy_token_changes_it(served):
+    greedy = complete(served, "Bias me", max_tokens=1, temperature=0, logprobs=0).choices[0]
+    token = served.gpt.generate("Bias me", 1, temperature=0, logprobs=0)["tokens"][0]
+    assert greedy.text == token["text"]
+    banned = complete(served, "Bias me", max_tokens=1, temperature=0, logit_bias={str(token["id"]): -100})
+    assert banned.choices[0].text != greedy.text
+    assert banned.choices[0].text == served.gpt.generate("Bias me", 1, temperature=0, logit_bias={token["id"]: -100})
+
+
+def test_text_offsets_say_where_each_token_begins_in_the_choice_streamed_or_not(served):
+    options = dict(max_tokens=12, seed=3, logprobs=1)
+    whole = complete(served, "Offsets", **options).choices[0]
+    offsets = whole.logprobs.text_offset
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] > 0
+    assert all(whole.text.startswith(token, offset) for token, offset in zip(whole.logprobs.tokens, offsets))
+    streamed = [c.choices[0].logprobs for c in complete(served, "Offsets", **options, stream=True)]
+    assert [o for lp in streamed if lp for o in lp.text_offset] == offsets
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(served):
@@ -180,7 +227,19 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(served):
     (dict(prompt=[[50257]]), "prompt", "ids from 0 to 50256"),
     (dict(prompt=[]), "prompt", "a list of strings"),
     (dict(stream="yes"), "stream", "true or false"),
-    (dict(presence_penalty=1), "presence_penalty", "not supported"),
+    (dict(echo=True), "echo", "not supported"),
+    (dict(presence_penalty=2.5), "presence_penalty", "from -2 to 2"),
+    (dict(frequency_penalty="1"), "frequency_penalty", "must be a number"),
+    (dict(logit_bias={"50257": 1}), "logit_bias", "token ids from 0 to 50256"),
+    (dict(logit_bias={"hello": 1}), "logit_bias", "keys must be token ids"),
+    (dict(logit_bias={"5": 101}), "logit_bias", "from -100 (bans) to 100"),
+    (dict(logit_bias={"5": "up"}), "logit_bias", "values must be numbers"),
+    (dict(logit_bias=[5]), "logit_bias", "must map token ids"),
+    (dict(repetition_penalty=0), "repetition_penalty", "> 0"),
+    (dict(min_length=-1), "min_length", "whole number >= 0"),
+    (dict(min_length=1.5), "min_length", "whole number >= 0"),
+    (dict(bad_words=[""]), "bad_words", "at least one token"),
+    (dict(bad_words=[[50300]]), "bad_words", "token ids from 0 to 50256"),
     (dict(colour="red"), "colour", "Unrecognized request argument"),
 ])
 def test_bad_requests_get_openai_style_400s_and_the_server_keeps_serving(served, options, param, words):

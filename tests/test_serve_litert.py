@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from test_serve import Served, free_port, models_dir, wait_until  # noqa: F401  (models_dir: the same tiny model)
+from test_serve import Served, beside_others, free_port, models_dir, wait_until  # noqa: F401  (models_dir: the same tiny model)
 
 pytest.importorskip("ai_edge_litert")
 
@@ -47,16 +47,23 @@ def test_the_server_runs_on_litert_and_gives_the_apis_text(served):
 def test_rows_joining_and_leaving_a_litert_batch_keep_their_tokens(served):
     options = dict(max_tokens=30, seed=21, temperature=1.0, top_p=0.9)
     alone = complete(served, "Alone or not", **options).choices[0].text
-    others = [complete(served, p, max_tokens=200, seed=i, stream=True)
+    others = [(p, dict(max_tokens=200, seed=i))
               for i, p in enumerate(["A longer prompt than the one we check, by several words", "x", "Hey"])]
-    for stream in others:
-        next(iter(stream))  # its row is in the batch now
-    batched = complete(served, "Alone or not", **options).choices[0].text
-    rows_after = served.batcher.load()[0]
-    for stream in others:
-        stream.close()
-    wait_until(lambda: served.batcher.load() == (0, 0))
+    batched, rows_after = beside_others(served, others, lambda: complete(served, "Alone or not", **options))
     assert rows_after >= 3
-    assert batched == alone
+    assert batched.choices[0].text == alone
     # A row that joined a running batch was prefilled apart and its cache moved in beside theirs.
     assert served.batcher.stats["prefilled_rows"] >= 5
+
+
+def test_rows_with_their_own_controls_get_the_apis_text_on_litert(served):
+    from test_serve import CONTROLS
+
+    options = dict(max_tokens=20, seed=9, temperature=0.9)
+    api_controls = dict(CONTROLS, logit_bias={int(k): v for k, v in CONTROLS["logit_bias"].items()})
+    expected = served.gpt.generate("Controls on", 20, seed=9, temperature=0.9, stop_at_eot=True, **api_controls)
+    others = [("y", dict(max_tokens=200, seed=1, extra_body=dict(frequency_penalty=-1.5)))]
+    batched, _ = beside_others(served, others, lambda: complete(served, "Controls on", **options,
+                                                                 extra_body=CONTROLS))
+    assert batched.choices[0].text == expected
+    assert complete(served, "Controls on", **options, extra_body=CONTROLS).choices[0].text == expected
