@@ -53,6 +53,17 @@ def adapted_bf16(weights):
     return trained(weights, CONFIG, base_dtype="bfloat16")
 
 
+def assert_merged(merged, weights, lm, atol=1e-6):
+    """That `merged` is the float32 `weights` with `lm`'s adapters merged as LoRA's paper writes it, in numpy."""
+    for name, value in merged.items():
+        assert value.dtype == np.float32
+        expected = weights[name]
+        if name.endswith("/w") and lora.adapter_names(name[:-2])[0] in lm.adapters:
+            a, b = (lm.adapters[n].numpy().astype(np.float64) for n in lora.adapter_names(name[:-2]))
+            expected = weights[name] + lm.config.scale * (a @ b)[None]
+        np.testing.assert_allclose(value, expected, atol=atol, rtol=0, err_msg=name)
+
+
 def copy_of(trained_lm, weights):
     """A copy of a bfloat16-base model and its trainer: a save rebases the model that saves onto its
     run directory, so the fixture's model reads on from `weights`."""
@@ -109,13 +120,7 @@ def test_merged_weights_reproduce_the_adapted_logits(adapted, tmp_path):
 def test_a_bfloat16_base_saves_its_adapters_merged_into_the_float32_weights(weights, adapted_bf16, tmp_path):
     lm, _ = adapted_bf16
     merged = {n: w.numpy() for n, w in lm.checkpoint_weights().items()}
-    for name, value in merged.items():
-        assert value.dtype == np.float32
-        expected = weights[name]
-        if name.endswith("/w") and lora.adapter_names(name[:-2])[0] in lm.adapters:
-            a, b = (lm.adapters[n].numpy().astype(np.float64) for n in lora.adapter_names(name[:-2]))
-            expected = weights[name] + lm.config.scale * (a @ b)[None]
-        np.testing.assert_allclose(value, expected, atol=1e-6, rtol=0, err_msg=name)
+    assert_merged(merged, weights, lm)
     # The merged save is the model the adapters trained on, to bfloat16's rounding of the base.
     checkpoint.write_model_dir(str(tmp_path / "merged"), HP, merged)
     loaded = model.load_model("merged", str(tmp_path))(TOKENS)["logits"].numpy()
@@ -225,12 +230,7 @@ def test_a_resumed_bfloat16_base_merges_into_the_weights_it_started_from_after_i
         runs.save(run_dir, step + 1, resumed, t2.optimizer, max_to_keep=1)
     assert not os.path.exists(os.path.join(run_dir, "model-2.index"))
     saved = checkpoint.read_weights(run_dir, HP, prefix=os.path.join(run_dir, "model-4"))
-    for name, value in saved.items():
-        expected = weights[name]
-        if name.endswith("/w") and lora.adapter_names(name[:-2])[0] in resumed.adapters:
-            a, b = (resumed.adapters[n].numpy().astype(np.float64) for n in lora.adapter_names(name[:-2]))
-            expected = weights[name] + resumed.config.scale * (a @ b)[None]
-        np.testing.assert_allclose(value.numpy(), expected, atol=2e-6, rtol=0, err_msg=name)
+    assert_merged({n: w.numpy() for n, w in saved.items()}, weights, resumed, atol=2e-6)
 
 
 def test_a_merged_save_read_tensor_by_tensor_is_written_in_parts_of_one_bundle(weights, adapted_bf16, tmp_path,
