@@ -76,7 +76,7 @@ def hf_rates(lm, batch_sizes, prompt_length, new_tokens):
 
 
 def train_rate(model_dir, batch, length, steps, precision="float32", xla=True, optimizer="adam",
-               memory_saving_gradients=False, lora_rank=0):
+               memory_saving_gradients=False, lora_rank=0, base_dtype=None):
     """Fine-tuning tokens/s (`optimizer`, in `precision`; LoRA adapters of `lora_rank` on every
     target when > 0) on batches of random windows, the best of `steps` steps after two warm-up
     steps (the first compiles), and the model trained."""
@@ -90,7 +90,8 @@ def train_rate(model_dir, batch, length, steps, precision="float32", xla=True, o
     strategy = tf.distribute.get_strategy()
     adapters = lora.Config(lora_rank) if lora_rank else None
     # Read one tensor at a time, as train.py does: a dict of them all would be a second copy.
-    lm = trainer.build_model(hp, checkpoint.open_weights(model_dir, hp), strategy, precision, lora=adapters)
+    lm = trainer.build_model(hp, checkpoint.open_weights(model_dir, hp), strategy, precision, lora=adapters,
+                             base_dtype=base_dtype)
     t = trainer.Trainer(lm, strategy, optimizer=optimizer, memory_saving_gradients=memory_saving_gradients, xla=xla)
     rng = np.random.default_rng(0)
     best = float("inf")
@@ -415,7 +416,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
               length=128, dtype="float32", hf=True, json=False, keep_grappler=False, generate=True,
               script=True, train=True, train_batch=1, train_length=256, train_steps=4, train_precision="float32",
               serve=False, engine="tf", train_optimizer="adam", train_lora_rank=0,
-              memory_saving_gradients=False, serve_mixed=1000):
+              memory_saving_gradients=False, serve_mixed=1000, train_base_dtype=None):
     """Measures decode speed at batch 1 and batch_size, latency, prefill speed and peak memory.
 
     Args:
@@ -447,6 +448,8 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
         train_lora_rank: Train LoRA adapters of this rank on every target instead of the weights (0: off).
         memory_saving_gradients: Recompute each block's activations in training, as train.py's flag.
         serve_mixed: Mixed requests for --serve (0: none, for a quick round).
+        train_base_dtype: bfloat16 or float32, what LoRA's frozen weights are held in, as train.py's
+            --base_dtype (default bfloat16).
     """
     if not keep_grappler:
         runtime.fast_start()
@@ -486,7 +489,9 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
             results["train_tok_s"], trained = train_rate(path, train_batch, train_length, train_steps,
                                                          train_precision, optimizer=train_optimizer,
                                                          memory_saving_gradients=memory_saving_gradients,
-                                                         lora_rank=train_lora_rank)
+                                                         lora_rank=train_lora_rank, base_dtype=train_base_dtype)
+            if train_lora_rank:
+                results["train_base_dtype"] = trained.base_dtype.name
             results["train_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if hf and _hf_installed():
                 results["hf_train_tok_s"] = hf_train_rate(trained, train_batch, train_length, train_steps)

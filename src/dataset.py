@@ -131,7 +131,7 @@ def _not_decodable(name, encoding, e, offset):
                      f"or convert it to {encoding}")
 
 
-def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYTES):
+def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYTES, start=0, end=None):
     """One text file as it is read, `read_bytes` at a time, in pieces of about `piece_chars`.
 
     The pieces are what `load_dataset` makes of the file, streamed: newlines normalized, and a
@@ -144,6 +144,9 @@ def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYT
         encoding: Its encoding, a Python codec name.
         piece_chars: About how many characters a piece holds (a memory bound).
         read_bytes: Bytes read at a time.
+        start, end: Only the bytes [start, end) of the file (default: all of them), where `start`
+            and `end` are offsets given by `cut_offset`: the ranges of consecutive offsets stream
+            into the pieces of the whole file's text, cut at those offsets too.
 
     Yields:
         (piece, bytes): a str (empty ones only report bytes), or None for a separator; and how
@@ -153,15 +156,16 @@ def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYT
         UserError: The file cannot be read or is not valid `encoding`.
     """
     decoder = codecs.getincrementaldecoder(encoding)()
-    held, carry, offset, unreported = "", "", 0, 0
+    held, carry, offset, unreported = "", "", start, 0
     try:
         f = open(name, "rb")
     except OSError as e:
         raise UserError(f"cannot read {name}: {e.strerror or e}") from None
     with f:
+        f.seek(start)
         while True:
             try:
-                data = f.read(read_bytes)
+                data = f.read(read_bytes if end is None else min(read_bytes, end - offset))
             except OSError as e:
                 raise UserError(f"cannot read {name}: {e.strerror or e}") from None
             final = not data
@@ -192,6 +196,35 @@ def stream_document(name, encoding, piece_chars=PIECE_CHARS, read_bytes=READ_BYT
             for piece in ready:
                 yield piece, unreported
                 unreported = 0
+
+
+def cut_offset(name, offset, window=1 << 16):
+    """The first byte offset at or after `offset` of the UTF-8 file `name` where its text may be cut
+    (SAFE_CUT), or the file's size (for 0: 0). Consecutive such offsets bound ranges whose texts
+    encode to the ids of the whole file's: a word, a "\r\n" or a literal "<|endoftext|>" is never
+    cut in two. Anyone looking from the same `offset` finds the same cut."""
+    try:
+        with open(name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset <= 0 or offset >= size:
+                return min(max(offset, 0), size)
+            # From 4 bytes back, so the character before any candidate is read whole (UTF-8's longest).
+            begin = max(0, offset - 4)
+            f.seek(begin)
+            data = f.read(offset - begin + window)
+            while True:
+                # Invalid bytes (and a character split by the window's end) read as one non-space
+                # character each, and encode back to the same bytes.
+                text = data.decode("utf-8", "surrogateescape")
+                for cut in SAFE_CUT.finditer(text):
+                    position = begin + len(text[:cut.start()].encode("utf-8", "surrogateescape"))
+                    if position >= offset:
+                        return position
+                if begin + len(data) >= size:
+                    return size
+                data += f.read(len(data))  # doubling: a long run without whitespace costs linear time
+    except OSError as e:
+        raise UserError(f"cannot read {name}: {e.strerror or e}") from None
 
 
 def load_npz(name, n_vocab):

@@ -3,8 +3,11 @@
 
 The corpus streams through: files are read a few MB at a time, cut into pieces at places where
 the BPE's words cannot change, and the pieces are encoded on every core at once; tokens go
-straight to disk. Memory stays bounded whatever the corpus's size.
+straight to disk. Memory stays bounded whatever the corpus's size. With several processes, UTF-8
+text is split into byte ranges cut at such places, which each process reads and encodes to its
+own file; the main process only joins those files into shards, in order.
 """
+import codecs
 import collections
 import concurrent.futures
 import multiprocessing
@@ -28,6 +31,9 @@ TIKTOKEN_PIN = "tiktoken==0.14.0"
 # Pieces waiting or being encoded, per process: enough to keep each busy while the main process
 # reads and writes, few enough that memory stays a few MB per process.
 PIECES_PER_PROCESS = 3
+# Bytes of text in one task of a process (a range of a large file, or small files together): small
+# enough that the last tasks keep every process busy to the end.
+TASK_BYTES = 1 << 24
 # Tokens converted at a time when packing an .npz.
 NPZ_SLICE = 1 << 22
 
@@ -108,11 +114,32 @@ def _start_worker(vocab, use_tiktoken, dtype):
     # Ctrl-C reaches the whole process group; the main process alone answers it, stopping the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     enc = encoder.Encoder.from_dir(vocab)
-    _worker.update(encode=piece_encoder(enc, use_tiktoken), dtype=dtype)
+    _worker.update(encode=piece_encoder(enc, use_tiktoken), dtype=dtype, eot=enc.eot_token)
 
 
 def _encode_piece(piece):
     return np.array(_worker["encode"](piece), dtype=_worker["dtype"])
+
+
+def _encode_ranges(segments, out, piece_chars):
+    """Encodes the text of each (file, start, end) of `segments`, each cut at `dataset.cut_offset`
+    of its bounds, into the file `out` (raw ids, one segment after another); returns each one's
+    (ids, characters, whether it holds text or a separator), as the main process counts them."""
+    counts = []
+    with open(out, "wb") as f:
+        for name, start, end in segments:
+            ids, chars, started = 0, 0, False
+            for piece, _ in dataset.stream_document(name, "utf-8", piece_chars, start=dataset.cut_offset(name, start),
+                                                    end=dataset.cut_offset(name, end)):
+                if piece == "":
+                    continue
+                started = True
+                tokens = np.array([_worker["eot"]] if piece is None else _worker["encode"](piece), _worker["dtype"])
+                tokens.tofile(f)
+                ids += len(tokens)
+                chars += len(dataset.EOT_TEXT) if piece is None else len(piece)
+            counts.append((ids, chars, started))
+    return counts
 
 
 class _Done:
@@ -132,7 +159,7 @@ def _size(path):
 
 
 def encode_corpus(files, writer, enc, *, vocab, use_tiktoken, combine, encoding, processes, progress=True,
-                  piece_chars=dataset.PIECE_CHARS):
+                  piece_chars=dataset.PIECE_CHARS, task_bytes=TASK_BYTES):
     """Encodes `files` into `writer` as `dataset.load_dataset` would chunk them: the same chunks,
     in the same order, with the same ids.
 
@@ -148,6 +175,7 @@ def encode_corpus(files, writer, enc, *, vocab, use_tiktoken, combine, encoding,
             one piece (starting processes costs more than it saves there).
         progress: Show bytes read on standard error (when it is a terminal).
         piece_chars: About how many characters each process is given at a time.
+        task_bytes: Bytes of UTF-8 text in each task of the byte-range path (several processes).
 
     Raises:
         UserError: A file cannot be read or decoded, or an encoding process died.
@@ -155,6 +183,9 @@ def encode_corpus(files, writer, enc, *, vocab, use_tiktoken, combine, encoding,
     dtype = writer.dtype
     total = sum(_size(name) for name in files)
     processes = max(1, min(processes, -(-total // piece_chars)))
+    if processes > 1 and codecs.lookup(encoding).name == "utf-8":
+        return _encode_in_ranges(files, writer, enc, vocab=vocab, use_tiktoken=use_tiktoken, combine=combine,
+                                 processes=processes, progress=progress, piece_chars=piece_chars, task_bytes=task_bytes)
     pool = None
     if processes > 1:
         # Spawned, not forked: a fork of a process with threads (tqdm's, a caller's) can deadlock.
@@ -224,6 +255,91 @@ def encode_corpus(files, writer, enc, *, vocab, use_tiktoken, combine, encoding,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def _tasks(files, task_bytes):
+    """The text files' bytes as (file, start, end) segments of at most `task_bytes`, grouped into
+    tasks of about `task_bytes`; and how many segments each file has (an empty file has one)."""
+    tasks, segments_of, size = [[]], {}, 0
+    for name in files:
+        if shards.is_shard_dir(name) or name.lower().endswith(".npz"):
+            continue
+        length = _size(name)
+        bounds = list(range(0, length, task_bytes)) or [0]
+        segments_of[name] = len(bounds)
+        for start in bounds:
+            end = min(start + task_bytes, length)
+            if tasks[-1] and size + end - start > task_bytes:
+                tasks.append([])
+                size = 0
+            tasks[-1].append((name, start, end))
+            size += end - start
+    return [t for t in tasks if t], segments_of
+
+
+def _encode_in_ranges(files, writer, enc, *, vocab, use_tiktoken, combine, processes, progress, piece_chars,
+                      task_bytes):
+    """`encode_corpus` for UTF-8 text on several processes: each task's byte ranges are read,
+    encoded and written by a process, and joined here, in order, into the same chunks."""
+    tasks, segments_of = _tasks(files, task_bytes)
+    scratch = f"{writer.temp_path}.ranges"
+    os.makedirs(scratch)
+    # Spawned, not forked: a fork of a process with threads (tqdm's, a caller's) can deadlock.
+    pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_start_worker,
+                                                  initargs=(vocab, use_tiktoken, writer.dtype))
+    outs = [os.path.join(scratch, f"task-{i:06d}") for i in range(len(tasks))]
+    futures = [pool.submit(_encode_ranges, task, out, piece_chars) for task, out in zip(tasks, outs)]
+    eot = np.array([enc.eot_token], writer.dtype)
+
+    def segments():
+        """(task, first id, ids, characters, started, bytes) of each segment, in order."""
+        for i, (task, future) in enumerate(zip(tasks, futures)):
+            first = 0
+            for (_, start, end), (ids, chars, started) in zip(task, future.result()):
+                yield i, first, ids, chars, started, end - start
+                first += ids
+
+    documents, chars, removed = 0, 0, 0
+    pending = segments()
+    try:
+        with tqdm.tqdm(total=sum(_size(name) for name in files), desc="encoding", unit="B", unit_scale=True,
+                       disable=None if progress else True) as bar:
+            for name in files:
+                if name not in segments_of:
+                    whole = (shards.read_shards(name, enc.n_vocab) if shards.is_shard_dir(name)
+                             else dataset.load_npz(name, enc.n_vocab))
+                    for tokens in whole:
+                        writer.add_chunk(tokens)
+                    bar.update(_size(name))
+                    continue
+                started, doc_chars = False, 0
+                for _ in range(segments_of[name]):
+                    task, first, ids, part_chars, part_started, part_bytes = next(pending)
+                    if part_started and not started and documents:
+                        writer.add(eot)  # the separator, once the document is known not to be empty
+                    started = started or part_started
+                    if ids:
+                        writer.add_file(outs[task], first, ids)
+                    doc_chars += part_chars
+                    for copied in range(removed, task):  # later segments are in this task's file or after
+                        os.remove(outs[copied])
+                    removed = max(removed, task)
+                    bar.update(part_bytes)
+                if not started:
+                    continue
+                documents += 1
+                chars += doc_chars
+                if chars >= combine:
+                    writer.end_chunk()
+                    documents, chars = 0, 0
+            if documents:
+                writer.end_chunk()
+    except concurrent.futures.BrokenExecutor:
+        raise cli.UserError("an encoding process ended abruptly (out of memory?): use fewer processes") from None
+    finally:
+        pool.shutdown(cancel_futures=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_npz(path, chunks):

@@ -18,6 +18,8 @@ from runtime import tf
 TARGETS = tuple(scope for field, scope in checkpoint.BLOCK_SCOPES.items() if "/" in scope)
 FIELDS = {scope: field for field, scope in checkpoint.BLOCK_SCOPES.items()}
 ALPHA = "lora/alpha"  # the adapters' bundle keeps alpha under this name beside them
+BASE_DTYPES = {"bfloat16": tf.bfloat16, "float32": tf.float32}
+BASE_DTYPE = "bfloat16"  # the frozen weights' default: half float32's memory
 
 
 def adapter_names(scope_prefix):
@@ -33,6 +35,13 @@ def parse_targets(targets):
     if unknown or not names:
         raise UserError(f"lora_targets must be a comma-separated list of {', '.join(TARGETS)}, got {targets!r}")
     return tuple(t for t in TARGETS if t in names)
+
+
+def parse_base_dtype(name):
+    """tf.bfloat16 or tf.float32 from its name, the dtype frozen weights are stored in."""
+    if name not in BASE_DTYPES:
+        raise UserError(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, got {name!r}")
+    return BASE_DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,23 +96,52 @@ def delta(a, b, scale):
     return scale * tf.matmul(a, b)
 
 
-class UnmergedWeights(collections.abc.Mapping):
-    """The base weights under a merged save: each target matrix less its adapters' change, read
-    one at a time as `checkpoint.CheckpointWeights` is."""
+class ChangedWeights(collections.abc.Mapping):
+    """Float32 weights in the released layout with each target matrix moved by `sign` times its
+    adapters' change (+1 merges them in, -1 takes them out), read one at a time as
+    `checkpoint.CheckpointWeights` is, so a save or a resume never holds a second copy of the model."""
 
-    def __init__(self, merged, adapters):
-        self.merged, self.adapters = merged, adapters
+    def __init__(self, weights, adapters, sign):
+        self.weights, self.adapters, self.sign = weights, adapters, sign
         self.config = Config.of_adapters(adapters)
-        self.shapes = getattr(merged, "shapes", None) or {n: list(w.shape) for n, w in merged.items()}
+        self.shapes = getattr(weights, "shapes", None) or {n: list(w.shape) for n, w in weights.items()}
 
     def __getitem__(self, name):
-        value = self.merged[name]
-        prefix = name[:-len("/w")]
-        a, b = adapter_names(prefix)
+        value = tf.convert_to_tensor(self.weights[name], tf.float32)
+        a, b = adapter_names(name[:-len("/w")])
         if name.endswith("/w") and a in self.adapters:
-            value = tf.convert_to_tensor(value, tf.float32) - delta(self.adapters[a], self.adapters[b],
-                                                                    self.config.scale)[None]
+            value += self.sign * delta(self.adapters[a], self.adapters[b], self.config.scale)[None]
         return value
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+
+class MergedWeights(ChangedWeights):
+    """What a save holds: the base weights with the adapters' change merged in."""
+
+    def __init__(self, base, adapters):
+        super().__init__(base, adapters, +1)
+
+
+class UnmergedWeights(ChangedWeights):
+    """The base weights under a merged save: each target matrix less its adapters' change."""
+
+    def __init__(self, merged, adapters):
+        super().__init__(merged, adapters, -1)
+
+
+class _VariablesAsSaved(collections.abc.Mapping):
+    """A model's variables in the released layout, converted one at a time on lookup."""
+
+    def __init__(self, variables, compute_dtype, shapes):
+        self.variables, self.compute_dtype, self.shapes = variables, compute_dtype, shapes
+
+    def __getitem__(self, name):
+        return checkpoint.to_checkpoint_layout(name, self.variables[name], self.compute_dtype)
 
     def __iter__(self):
         return iter(self.shapes)
@@ -116,17 +154,23 @@ class LoraGPT2(model.GPT2):
     """A GPT2 whose weights are frozen and whose target matrices read through trainable adapters.
 
     Args:
-        hparams, weights, compute_dtype, float32_variables: As `model.GPT2`'s.
+        hparams, weights, compute_dtype: As `model.GPT2`'s.
         config: A `Config`.
         adapters: Name -> value of adapters to start from (a resumed run's); default fresh ones.
         seed: Seeds fresh adapters.
+        base_dtype: What the frozen matrices are stored in: tf.float32 (exact), or tf.bfloat16 (half
+            the memory; the model trains on the weights rounded to bfloat16). Saves merge the
+            adapters into float32 weights either way: a 16-bit model reads those again from
+            `weights`, one tensor at a time, which must stay readable until the next save (`rebase`).
     """
 
     def __init__(self, hparams, weights, config, adapters=None, seed=0, compute_dtype=tf.float32,
-                 float32_variables=False):
-        super().__init__(hparams, weights, compute_dtype=compute_dtype, float32_variables=float32_variables,
-                         trainable=False)
+                 base_dtype=tf.float32):
+        super().__init__(hparams, weights, compute_dtype=compute_dtype, trainable=False, matrix_dtype=base_dtype)
         self.config = config
+        self.base_dtype = tf.as_dtype(base_dtype)
+        # Rounded matrices cannot give back the float32 weights a save merges into, so those are read again.
+        self.base = None if self.base_dtype == tf.float32 else weights
         values = adapters if adapters is not None else initial_adapters(hparams, config, seed)
         self.adapters = {name: tf.Variable(tf.cast(values[name], tf.float32), trainable=True, name=name)
                          for name in values if name != ALPHA}
@@ -157,14 +201,17 @@ class LoraGPT2(model.GPT2):
             return super().recomputed_block(h, p, mask)
 
     def checkpoint_weights(self):
-        """The merged weights in the released layout: what a save holds, and what every script loads."""
-        weights = super().checkpoint_weights()
-        for i in range(self.hparams.n_layer):
-            for scope in self.config.targets:
-                name = f"model/h{i}/{scope}/w"
-                weights[name] = checkpoint.to_checkpoint_layout(name, self.adapted(name[:-2], self.weights[name]),
-                                                                self.compute_dtype)
-        return weights
+        """The merged weights in the released layout, float32, computed one tensor at a time on
+        lookup: what a save holds, and what every script loads."""
+        base = self.base if self.base is not None else _VariablesAsSaved(self.weights, self.compute_dtype,
+                                                                          checkpoint.variable_shapes(self.hparams))
+        return MergedWeights(base, self.adapter_values())
+
+    def rebase(self, merged, adapters):
+        """Reads the float32 base weights of later saves from `merged`, a save of this model with
+        `adapters` merged in (so the weights it started from may go: rotated out of a run)."""
+        if self.base is not None:
+            self.base = UnmergedWeights(merged, adapters)
 
     def adapter_values(self):
         """The adapters as a save keeps them, alpha included."""

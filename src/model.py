@@ -133,13 +133,16 @@ class GPT2(tf.Module):
             training); by default they are stored in `compute_dtype`, half the memory for 16 bits.
         trainable: Whether the variables are trainable (False: frozen, as under LoRA, so no
             gradient is taken for them, not even inside recomputed blocks).
+        matrix_dtype: Store matrices in this dtype, whatever the other two say (LoRA's frozen
+            weights in bfloat16 under float32 products); they are cast to compute_dtype where read.
     """
 
-    def __init__(self, hparams, weights, compute_dtype=tf.float32, float32_variables=False, trainable=True):
+    def __init__(self, hparams, weights, compute_dtype=tf.float32, float32_variables=False, trainable=True,
+                 matrix_dtype=None):
         super().__init__(name="model")
         self.hparams = hparams
         self.compute_dtype = tf.as_dtype(compute_dtype)
-        stored = tf.float32 if float32_variables else self.compute_dtype
+        stored = tf.as_dtype(matrix_dtype or (tf.float32 if float32_variables else self.compute_dtype))
         self.weights = {name: tf.Variable(value, trainable=trainable, name=name)  # checkpoint name -> variable
                         for name, value in checkpoint.model_values(weights, hparams, self.compute_dtype, stored)}
         self.layers = checkpoint.arrange(self.weights, hparams.n_layer)

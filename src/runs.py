@@ -2,7 +2,8 @@
 released format, so every sampling script loads it with `--models_dir checkpoint --model_name <run_name>`.
 
 A save writes `model-<step>.{index,data-00000-of-00001}` (the model's variables under their TF1
-names; under LoRA the weights with the adapters merged in), `optimizer-<step>.*` (the optimizer's
+names; under LoRA the weights with the adapters merged in, written in parts of PART_BYTES, one data
+file each), `optimizer-<step>.*` (the optimizer's
 state, for resuming), `lora-<step>.*` (LoRA's adapters, for resuming), then the `checkpoint` file
 that names the newest save, and last `counter`. TensorFlow writes each bundle under a temporary
 name and renames it; until `checkpoint` is replaced, readers see the previous complete save.
@@ -12,16 +13,21 @@ import os
 import re
 import secrets
 
+import numpy as np
 
 import lora
-from checkpoint import to_checkpoint_layout, to_model_layout
+from checkpoint import CheckpointWeights, to_checkpoint_layout, to_model_layout
 from errors import UserError
 from encoder import VOCAB_FILES, vocab_texts
 from runtime import tf
 
 STEP_PREFIX = re.compile(r"^model-(\d+)$")
-# A bundle's files, and TensorFlow's temporary names for them (`<file>.tempstate<digits>`).
-BUNDLE_FILE = re.compile(r"^(model|optimizer|lora)-(\d+)\.(index|data-\d+-of-\d+)(\.tempstate\d+)?$")
+# A bundle's files, TensorFlow's temporary names for them (`<file>.tempstate<digits>`), and the parts
+# a bundle read tensor by tensor is written in before they are merged (`<bundle>.part-<i>-of-<n>.<file>`).
+BUNDLE_FILE = re.compile(r"^(model|optimizer|lora)-(\d+)(\.part-\d+-of-\d+)?\.(index|data-\d+-of-\d+)"
+                         r"(\.tempstate\d+)?$")
+# Bytes of float32 tensors a bundle read tensor by tensor holds in memory at once while it is written.
+PART_BYTES = 1 << 30
 # write_atomically's temporary names.
 TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 
@@ -81,9 +87,24 @@ def latest_step(run_dir):
 
 
 def _save_bundle(prefix, tensors):
-    names = list(tensors)
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tf.convert_to_tensor(tensors[n]) for n in names])
+    """Writes `tensors` (name -> value) as the bundle `prefix`. A mapping that reads its values on
+    lookup (one with `shapes`, as `lora.MergedWeights`) is written in parts of at most PART_BYTES
+    of float32 values, merged into one bundle (one data file per part), so it is never read whole."""
+    shapes = getattr(tensors, "shapes", None)
+    groups, size = [[]], 0
+    for name in tensors:
+        nbytes = 4 * int(np.prod(shapes[name])) if shapes is not None else 0
+        if groups[-1] and size + nbytes > PART_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    parts = [prefix if len(groups) == 1 else f"{prefix}.part-{i:05d}-of-{len(groups):05d}" for i in range(len(groups))]
+    for part, names in zip(parts, groups):
+        tf.raw_ops.SaveV2(prefix=part, tensor_names=names, shape_and_slices=[""] * len(names),
+                          tensors=[tf.convert_to_tensor(tensors[n]) for n in names])
+    if len(parts) > 1:
+        tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=parts, destination_prefix=prefix, delete_old_dirs=False)
 
 
 def save(run_dir, step, lm, optimizer=None, max_to_keep=5):
@@ -101,10 +122,13 @@ def save(run_dir, step, lm, optimizer=None, max_to_keep=5):
             state["global_step"] = optimizer.iterations.read_value()
             _save_bundle(os.path.join(run_dir, f"optimizer-{step}"), state)
         if isinstance(lm, lora.LoraGPT2):
-            _save_bundle(os.path.join(run_dir, f"lora-{step}"), lm.adapter_values())
+            adapters = lm.adapter_values()
+            _save_bundle(os.path.join(run_dir, f"lora-{step}"), adapters)
         write_atomically(os.path.join(run_dir, "checkpoint"), "".join([f'model_checkpoint_path: "model-{step}"\n'] + [
             f'all_model_checkpoint_paths: "model-{s}"\n' for s in kept]))
         write_atomically(os.path.join(run_dir, "counter"), f"{step}\n")
+        if isinstance(lm, lora.LoraGPT2):
+            lm.rebase(CheckpointWeights(run_dir, lm.hparams, prefix=os.path.join(run_dir, f"model-{step}")), adapters)
     except (OSError, tf.errors.OpError) as e:
         if step not in saved_steps(run_dir):
             _remove_bundle(run_dir, lambda kind, s, partial: s == step)
@@ -134,7 +158,7 @@ def _remove_bundle(run_dir, chosen):
     "optimizer"; partial: a TensorFlow temporary file)."""
     for name in os.listdir(run_dir):
         match = BUNDLE_FILE.match(name)
-        if match and chosen(match.group(1), int(match.group(2)), bool(match.group(4))):
+        if match and chosen(match.group(1), int(match.group(2)), bool(match.group(3) or match.group(5))):
             os.unlink(os.path.join(run_dir, name))
 
 

@@ -109,6 +109,19 @@ class ShardWriter:
             self._streaming = self._start_row()
         self._append(tokens)
 
+    def add_file(self, path, first, count):
+        """Appends `count` ids stored raw in this writer's dtype in the file `path`, from its id
+        `first` on, to the chunk being streamed (starting one if none is); the kernel copies them."""
+        if self._streaming is None:
+            self._streaming = self._start_row()
+        self._file.flush()
+        size = self.dtype.itemsize
+        with open(path, "rb") as source:
+            _copy_bytes(source, self._file, first * size, count * size)
+        self._file.seek(0, os.SEEK_END)  # the copy moved the descriptor's offset, not the buffer's idea of it
+        self._written += count
+        self.tokens += count
+
     def end_chunk(self):
         """Ends the streamed chunk (if one was started), then writes the whole chunks given meanwhile."""
         if self._streaming is not None:
@@ -163,6 +176,29 @@ class ShardWriter:
             self._file.close()
             self._file = None
         shutil.rmtree(self.temp_path, ignore_errors=True)
+
+
+def _copy_bytes(source, target, offset, length):
+    """Copies `length` bytes of the file `source` from `offset` to the end of the file `target`,
+    inside the kernel (copy_file_range) where it can, else through a buffer."""
+    try:
+        while length:
+            copied = os.copy_file_range(source.fileno(), target.fileno(), length, offset)
+            if not copied:
+                raise OSError(f"{source.name} ended early")
+            offset += copied
+            length -= copied
+        return
+    except (AttributeError, OSError):
+        pass  # no copy_file_range here (or not between these files): copy what is left by hand
+    target.seek(0, os.SEEK_END)
+    source.seek(offset)
+    while length:
+        block = source.read(min(length, 1 << 22))
+        if not block:
+            raise OSError(f"{source.name} ended early")
+        target.write(block)
+        length -= len(block)
 
 
 def replace_dir(new, path):

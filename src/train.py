@@ -35,6 +35,9 @@ HELP = dict(
     lora_alpha="LoRA's alpha: the adapters' change is scaled by alpha / rank (default: alpha = rank).",
     lora_targets="Comma-separated matrices of each block that get adapters: attn/c_attn, attn/c_proj, mlp/c_fc, "
                  "mlp/c_proj (default: all four).",
+    base_dtype="What LoRA's frozen weights are held in: bfloat16 (the default: half the memory, training on the "
+               "weights rounded to bfloat16) or float32 (exact). Saves merge the adapters into the float32 "
+               "weights either way.",
     noise="Probability of replacing each input token by a random one (a regulariser).",
     top_k="top_k for the samples printed during training (0: off).",
     top_p="top_p for the samples printed during training (0 or 1: off).",
@@ -65,7 +68,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
           sample_dir="samples", combine=50000, encoding="utf-8", batch_size=1, learning_rate=None,
           accumulate_gradients=1, memory_saving_gradients=False, only_train_transformer_layers=False,
           optimizer="adam", adafactor_beta1=None, adafactor_clip_threshold=None, lora_rank=None, lora_alpha=None,
-          lora_targets=None, noise=0.0, top_k=40, top_p=0.0, restore_from="latest", sample_every=100,
+          lora_targets=None, base_dtype=None, noise=0.0, top_k=40, top_p=0.0, restore_from="latest", sample_every=100,
           sample_length=None, sample_num=1, save_every=1000, val_dataset=None, val_batch_size=2,
           val_batch_count=40, val_every=0, max_steps=None, max_to_keep=5, strategy="default",
           precision="float32", seed=None, xla=True):
@@ -90,6 +93,9 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
         raise UserError("--lora_alpha and --lora_targets need --lora_rank: give the adapters' rank too")
     if lora_rank is not None:
         cli.check_whole("lora_rank", lora_rank, 1)
+    if lora_rank is None and base_dtype is not None:
+        raise UserError("--base_dtype is for LoRA's frozen weights: give --lora_rank too (without LoRA every weight "
+                        "trains, in float32)")
     run_name = check_run_name(run_name)
     run_dir = os.path.join(os.path.expanduser(checkpoint_dir), run_name)
     check_directory("checkpoint_dir", run_dir)
@@ -118,6 +124,8 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     adapters_config = None if lora_rank is None else lora.Config(lora_rank, lora_alpha, lora_targets or lora.TARGETS)
     optimizer_options = dict(adafactor_beta1=adafactor_beta1, adafactor_clip_threshold=adafactor_clip_threshold)
     trainer_lib.optimizer_keywords(optimizer, **optimizer_options)  # its checks, before any work
+    if base_dtype is not None:
+        lora.parse_base_dtype(base_dtype)
     runtime.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
@@ -144,7 +152,8 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     adapters = lora_start(run_dir, start_step, adapters_config, out) if start_step else None
     if adapters is not None:
         weights = lora.UnmergedWeights(weights, adapters)  # the frozen weights the adapters were trained on
-    lm = trainer_lib.build_model(hp, weights, strategy, precision, lora=adapters_config, adapters=adapters, seed=seed)
+    lm = trainer_lib.build_model(hp, weights, strategy, precision, lora=adapters_config, adapters=adapters, seed=seed,
+                                 base_dtype=base_dtype)
     trainer = trainer_lib.Trainer(lm, strategy, optimizer=optimizer, learning_rate=learning_rate,
                                   optimizer_options=optimizer_options,
                                   accumulate_gradients=accumulate_gradients,

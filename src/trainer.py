@@ -33,13 +33,18 @@ def parse_precision(precision, flag="precision"):
     return PRECISIONS[precision]
 
 
-def build_model(hparams, weights, strategy, precision="float32", lora=None, adapters=None, seed=0):
+def build_model(hparams, weights, strategy, precision="float32", lora=None, adapters=None, seed=0, base_dtype=None):
     """A GPT2 with float32 variables (mirrored when the strategy has several devices); with a
-    `lora.Config`, a `lora.LoraGPT2` whose `adapters` (default: fresh ones, seeded) are what trains."""
+    `lora.Config`, a `lora.LoraGPT2` whose `adapters` (default: fresh ones, seeded) are what trains,
+    its frozen matrices stored in `base_dtype` (a name of `lora.BASE_DTYPES`, default `lora.BASE_DTYPE`)."""
+    if lora is None and base_dtype not in (None, "float32"):
+        raise UserError("base_dtype is for the frozen weights of LoRA: give lora_rank too (without LoRA every "
+                        "weight trains, in float32)")
     with strategy.scope():
         if lora is not None:
             return lora_lib.LoraGPT2(hparams, weights, lora, adapters=adapters, seed=seed,
-                                     compute_dtype=parse_precision(precision), float32_variables=True)
+                                     compute_dtype=parse_precision(precision),
+                                     base_dtype=lora_lib.parse_base_dtype(base_dtype or lora_lib.BASE_DTYPE))
         return model_lib.GPT2(hparams, weights, compute_dtype=parse_precision(precision), float32_variables=True)
 
 

@@ -296,6 +296,36 @@ def test_streaming_cuts_only_where_the_words_stay_the_same(enc):
     assert unsafe_changed > 20  # cuts elsewhere do change the ids: the check above has teeth
 
 
+def test_byte_ranges_between_cut_offsets_encode_to_the_whole_files_ids(enc, tmp_path):
+    rng = random.Random(4)
+    alphabet = ["a", "bc", " ", "  ", "\n", " \n", "'s", "7", "!", "é", "\t", "日本", "\r\n", "\r", "<|endoftext|>",
+                "\u00a0", "\u3000x", "\U0001F600", " \u2028", "x" * 30]
+    for case in range(40):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120)))
+        path = write(tmp_path, {f"{case}.txt": text}) / f"{case}.txt"
+        data = text.encode("utf-8")
+        whole, whole_chars, _ = streamed(enc, path)
+        cuts = sorted({dataset.cut_offset(path, o, window=8) for o in range(len(data) + 1)})
+        assert cuts[0] == 0 and cuts[-1] == len(data)
+        for cut in cuts[1:-1]:  # each where SAFE_CUT allows one in the text as it is
+            assert dataset.SAFE_CUT.match(text, len(data[:cut].decode("utf-8"))) is not None, (repr(text), cut)
+        for bounds in [cuts, [0] + rng.sample(cuts, min(3, len(cuts))) + [len(data)]]:
+            bounds = sorted(set(bounds))
+            ids, chars = [], 0
+            for start, end in zip(bounds, bounds[1:]):
+                part_ids, part_chars, read = streamed(enc, path, start=start, end=end, piece_chars=5, read_bytes=3)
+                ids += part_ids
+                chars += part_chars
+                assert read == end - start
+            assert ids == whole and chars == whole_chars, (repr(text), bounds)
+
+
+def test_cut_offsets_pass_over_undecodable_bytes_alike_from_every_offset(tmp_path):
+    path = write(tmp_path, {"z.txt": b"ab\xe9\xff cd\x80 ef \xe6\x97"}) / "z.txt"
+    cuts = [dataset.cut_offset(path, o, window=2) for o in range(20)]
+    assert cuts == [0, 4, 4, 4, 4, 8, 8, 8, 8, 11, 11, 11, 14, 14, 14, 14, 14, 14, 14, 14]
+
+
 def test_streaming_reports_undecodable_bytes_at_their_offset(tmp_path):
     path = write(tmp_path, {"z.txt": b"x" * 10 + b"caf\xe9 ok"}) / "z.txt"
     with pytest.raises(UserError) as e:

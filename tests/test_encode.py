@@ -126,10 +126,10 @@ def test_several_processes_give_the_single_process_chunks(enc, tmp_path, tokeniz
     expected = dataset.load_dataset(enc, corpus, combine=combine, progress=False)
     assert len(expected) > 4
     writer = shards.ShardWriter(str(tmp_path / "out"), str(tmp_path / "out.part"), enc.n_vocab, shard_tokens=200)
-    # Pieces of ~40 characters: every file is cut many times, between processes too.
+    # Pieces of ~40 characters and tasks of ~100 bytes: every file is cut many times, between processes too.
     encode_lib.encode_corpus(dataset.dataset_files(corpus), writer, enc, vocab=encoder.default_vocab_dir(),
                              use_tiktoken=tokenizer == "tiktoken", combine=combine, encoding="utf-8", processes=2,
-                             progress=False, piece_chars=40)
+                             progress=False, piece_chars=40, task_bytes=100)
     writer.finish()
     assert writer.shard_count > 1
     loaded = dataset.load_dataset(enc, tmp_path / "out", progress=False)

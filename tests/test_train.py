@@ -281,6 +281,8 @@ def test_validation_loss_is_reported(tiny_models_dir, tmp_path, corpus):
     (["--lora_rank", "-1"], "--lora_rank must be a whole number >= 1"),
     (["--lora_rank", "2", "--lora_targets", "attn/c_attn,attn/q"], "--lora_targets must be a comma-separated list"),
     (["--lora_alpha", "8"], "--lora_alpha and --lora_targets need --lora_rank"),
+    (["--lora_rank", "2", "--base_dtype", "float16"], "--base_dtype must be one of bfloat16, float32, got 'float16'"),
+    (["--base_dtype", "bfloat16"], "--base_dtype is for LoRA's frozen weights: give --lora_rank too"),
     (["--sample_length", "64"], "--sample_length (64) must be at most n_ctx - 1 (63)"),
     (["--restore_from", "no/such/run"], "--restore_from must be latest, fresh"),
     (["--batch_size", "0"], "--batch_size must be a whole number >= 1"),
