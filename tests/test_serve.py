@@ -58,16 +58,16 @@ class Served:
             return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def served(models_dir):
-    """The app on uvicorn in a thread of this process, with its batcher at hand."""
+def serving(models_dir, **load_options):
+    """The app on uvicorn in a thread of this process, with its batcher at hand, over the tiny
+    model loaded with `load_options` (`api.load`'s); a generator, for a fixture to yield from."""
     import uvicorn
 
     import api
     import batching
     import serve
 
-    gpt = api.load("tiny", models_dir)
+    gpt = api.load("tiny", models_dir, **load_options)
     batcher = batching.Batcher(gpt.sampler.engine, gpt.eot_token, max_rows=4)
     batcher.start()
     port = free_port()
@@ -80,6 +80,11 @@ def served(models_dir):
     server.should_exit = True
     thread.join()
     batcher.stop()
+
+
+@pytest.fixture(scope="module")
+def served(models_dir):
+    yield from serving(models_dir)
 
 
 def complete(served, prompt, **options):

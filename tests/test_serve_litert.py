@@ -1,39 +1,15 @@
 """The server on the LiteRT engine: the batcher drives it from the host, moving and joining rows
 in its cache, and answers as the API does on the same engine."""
-import threading
-
 import pytest
 
-from test_serve import Served, beside_others, free_port, models_dir, wait_until  # noqa: F401  (models_dir: the same tiny model)
+from test_serve import beside_others, complete, models_dir, serving  # noqa: F401  (models_dir: the same tiny model)
 
 pytest.importorskip("ai_edge_litert")
 
 
 @pytest.fixture(scope="module")
 def served(models_dir):
-    import uvicorn
-
-    import api
-    import batching
-    import serve
-
-    gpt = api.load("tiny", models_dir, engine="litert", progress=False)
-    batcher = batching.Batcher(gpt.sampler.engine, gpt.eot_token, max_rows=4)
-    batcher.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(batcher, gpt.encoder, "tiny"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started)
-    yield Served(gpt, batcher, f"http://127.0.0.1:{port}")
-    server.should_exit = True
-    thread.join()
-    batcher.stop()
-
-
-def complete(served, prompt, **options):
-    return served.client.completions.create(model="tiny", prompt=prompt, **options)
+    yield from serving(models_dir, engine="litert", progress=False)
 
 
 def test_the_server_runs_on_litert_and_gives_the_apis_text(served):
