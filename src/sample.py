@@ -220,6 +220,10 @@ def slide_keep(n_ctx):
     return max(1, n_ctx // 2)
 
 
+# What stands for a host engine's state in the compiled loop, which never reads it.
+HOST_STATE_SPEC = tf.TensorSpec([], tf.int32)
+
+
 class Sampler:
     """The compiled decode loop over an engine (the interface in decode.py).
 
@@ -235,17 +239,19 @@ class Sampler:
         self.eot_token = eot_token
         # autograph=False: the loop is written with tf.while_loop already, and converting the
         # code would double the seconds spent tracing before the first token.
-        # An engine run from the host (LiteRT) gets a Python loop around the same compiled pick.
         self.host_loop = getattr(engine, "host_loop", False)
         if self.host_loop:
+            # The same compiled loop, entering the engine through tf.numpy_function each step;
+            # the engine's state stays on the host, in self._host_state, while a chunk runs.
             self.prefill = engine.prefill
-            self._pick_concrete = None  # traced on the first chunk, not here
-            self._pick_once = tf.function(self._pick, autograph=False, input_signature=[
-                tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool), Knobs.spec(),
-                processors.ControlTensors.spec(), processors.Tally.spec(), tf.TensorSpec([], tf.int32)])
+            self._step = self._host_step
+            self._host_state = None
+            self._chunks = {None: tf.function(self._chunk, autograph=False,
+                                              input_signature=self._chunk_signature(None, HOST_STATE_SPEC))}
         else:
             self.prefill = tf.function(engine.prefill, autograph=False, input_signature=[
                 tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
+            self._step = engine.step
             # Batch 1 gets its own trace, where static shapes let the engine take its one-row path.
             self._chunks = {batch: tf.function(self._chunk, autograph=False,
                                                input_signature=self._chunk_signature(batch)) for batch in (None, 1)}
@@ -253,9 +259,9 @@ class Sampler:
             tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.bool), Knobs.spec(),
             processors.ControlTensors.spec(), processors.Tally.spec(), tf.TensorSpec([], tf.int32)])
 
-    def _chunk_signature(self, batch):
+    def _chunk_signature(self, batch, state_spec=None):
         scalar = tf.TensorSpec([], tf.int32)
-        return [tf.TensorSpec([batch, None], tf.float32), self.engine.state_spec, tf.TensorSpec([batch], tf.bool),
+        return [tf.TensorSpec([batch, None], tf.float32), state_spec or self.engine.state_spec, tf.TensorSpec([batch], tf.bool),
                 scalar, tf.TensorSpec([batch], tf.int32), scalar, scalar, Knobs.spec(),
                 processors.ControlTensors.spec(), processors.Tally.spec(batch)]
 
@@ -269,11 +275,9 @@ class Sampler:
 
     def traces(self):
         """How many times each compiled function was traced (a retrace costs seconds)."""
-        if self.host_loop:
-            functions = {"pick": self._pick_once, "sample_last": self.sample_last}
-        else:
-            functions = {"prefill": self.prefill, "chunk": self._chunks[None], "chunk_one_row": self._chunks[1],
-                         "sample_last": self.sample_last}
+        functions = {"chunk": self._chunks[None], "sample_last": self.sample_last}
+        if not self.host_loop:
+            functions.update(prefill=self.prefill, chunk_one_row=self._chunks[1])
         counts = {name: f.experimental_get_tracing_count() for name, f in functions.items()}
         engine_traces = getattr(self.engine, "traces", None)
         return dict(counts, **(engine_traces() if engine_traces else {}))
@@ -299,7 +303,7 @@ class Sampler:
 
         def body(j, logits, state, done, tally, out):
             token, done, tally, report = self._pick(logits, done, knobs, controls, tally, step + j)
-            logits, state = self.engine.step(token, pos + j, pad, state)
+            logits, state = self._step(token, pos + j, pad, state)
             return j + 1, logits, state, done, tally, [a.write(j, v) for a, v in zip(out, (token,) + report)]
 
         def more(j, logits, state, done, tally, out):
@@ -316,27 +320,23 @@ class Sampler:
         return tokens, logits, state, done, tally, (own, top, top_ids)
 
     def _host_chunk(self, logits, state, done, pos, pad, n_steps, step, knobs, controls, tally):
-        """`_chunk` for a host-run engine: the same compiled pick each token, the engine's step
-        called from Python, the same results as tensors."""
-        pos, step, n_steps = int(pos), int(step), int(n_steps)
-        done = tf.convert_to_tensor(done)
-        # The concrete function skips matching the call to a signature: half the cost of a call.
-        pick = self._pick_concrete = self._pick_concrete or self._pick_once.get_concrete_function()
-        tokens, reports = [], []
-        while len(tokens) < n_steps and not done.numpy().all():
-            j = len(tokens)
-            token, done, tally, report = pick(tf.constant(logits), done, knobs, controls, tally, tf.constant(step + j))
-            token = token.numpy()
-            logits, state = self.engine.step(token, pos + j, pad, state)
-            tokens.append(token)
-            reports.append(report)
-        rows = tf.shape(done)[0]
-        if not reports:
-            width = tf.where(knobs.logprobs >= 0, tf.minimum(tf.maximum(knobs.logprobs, 0), tf.shape(logits)[1]), 0)
-            empty = (tf.zeros([0, rows]), tf.zeros([0, rows, width]), tf.zeros([0, rows, width], tf.int32))
-            return tf.zeros([0, rows], tf.int32), logits, state, done, tally, empty
-        report = tuple(tf.stack(r) for r in zip(*reports))
-        return tf.constant(np.stack(tokens)), logits, state, done, tally, report
+        """`_chunk` for a host-run engine: its state stays here while the compiled loop runs."""
+        self._host_state = state
+        try:
+            tokens, logits, _, done, tally, report = self._chunks[None](
+                tf.constant(logits), tf.zeros([], tf.int32), done, pos, pad, n_steps, step, knobs, controls, tally)
+            return tokens, logits.numpy(), self._host_state, done, tally, report
+        finally:
+            self._host_state = None
+
+    def _host_step(self, token, pos, pad, state):
+        logits = tf.numpy_function(self._host_step_numpy, [token, pos, pad], tf.float32, stateful=True)
+        logits.set_shape([token.shape[0], None])
+        return logits, state
+
+    def _host_step_numpy(self, token, pos, pad):
+        logits, self._host_state = self.engine.step(token, int(pos), pad, self._host_state)
+        return logits
 
     def _last(self, logits, done, knobs, controls, tally, step):
         token, done, tally, report = self._pick(logits, done, knobs, controls, tally, step)

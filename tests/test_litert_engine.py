@@ -140,6 +140,18 @@ def test_sampling_with_a_seed_and_logprobs_matches_the_tensorflow_engine(engines
     np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-4)
 
 
+def test_the_loop_over_the_litert_engine_compiles_once(engines):
+    import sample
+
+    _, lite, _ = engines
+    sampler = sample.Sampler(lite, 50256)
+    list(sampler.generate([[1, 2, 3]], 6, top_k=5, seed=1))
+    before = sampler.traces()
+    assert before["chunk"] == 1
+    list(sampler.generate([[4], [5, 6, 7, 8]], 9, temperature=0.5, top_p=0.9, logprobs=2, repetition_penalty=1.2))
+    assert sampler.traces() == before  # other batches, prompts, knobs and controls reuse the trace
+
+
 def test_int8_weights_stay_close_to_float32(engines):
     _, lite, int8 = engines
     tokens, pad = padded_prompts(lite.hparams.n_vocab, [6, 6])
