@@ -79,7 +79,7 @@ def load(model_name="124M", models_dir="models", dtype="float32", engine="tf", p
     def load_lm():
         return model_lib.load_model(model_name, models_dir)
 
-    program = litert_engine.cached_program(path, dtype, load_lm, progress=progress)
+    program = litert_engine.cached_program(path, hparams, dtype, load_lm, progress=progress)
     return Model(None, encoder_lib.Encoder.from_dir(path), engine=litert_engine.Engine(program, hparams),
                  load_lm=load_lm, path=path)
 

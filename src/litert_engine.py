@@ -145,14 +145,14 @@ def program_names(stem, pieces):
     return [f"{stem}-{k}of{pieces}.tflite" for k in range(1, pieces + 1)]
 
 
-def cached_program(model_dir, dtype, load_lm, progress=True):
+def cached_program(model_dir, hparams, dtype, load_lm, progress=True):
     """The paths of `model_dir`'s conversion to `dtype` (one program, or several when it does not
     fit one flatbuffer), converting it first if there is none for the current weights
-    (`load_lm()` gives the float32 `model.GPT2`); stale ones are removed."""
+    (`load_lm()` gives the float32 `model.GPT2`; `hparams` are its `HParams`); stale ones are removed."""
     from tqdm import tqdm
 
     folder = os.path.join(model_dir, CACHE_DIR)
-    pieces = split(checkpoint.load_hparams(model_dir), dtype)
+    pieces = split(hparams, dtype)
     targets = [os.path.join(folder, name) for name in program_names(f"{dtype}-{cache_key(model_dir, dtype)}", len(pieces))]
     if all(map(os.path.exists, targets)):
         return targets
