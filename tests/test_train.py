@@ -1,6 +1,7 @@
 """train.py end to end on the tiny model: memorising, resuming, Ctrl-C and SIGTERM, a closed stdout, a full
 disk, devices, bad input. Runs go through conftest.run_main (this process) unless the process itself is
-what is tested: signals, a closed stdout, a file size limit, devices set before TensorFlow starts, TF_CONFIG."""
+what is tested: signals, a closed stdout, devices set before TensorFlow starts, TF_CONFIG."""
+import contextlib
 import json
 import os
 import re
@@ -40,13 +41,13 @@ def losses(stdout):
     return [(int(m.group(1)), float(m.group(3))) for m in STEP_LINE.finditer(stdout)]
 
 
-def start_training(tiny_models_dir, tmp_path, corpus, *args, preexec_fn=sigint_as_at_a_terminal):
+def start_training(tiny_models_dir, tmp_path, corpus, *args):
     """train.py as a child process whose stdout and stderr pipes the test reads (or closes)."""
     command = [sys.executable, os.path.join(SRC_DIR, "train.py"), "--dataset", corpus, "--model_name", "tiny",
                "--models_dir", tiny_models_dir, "--checkpoint_dir", str(tmp_path / "checkpoint"),
                "--sample_dir", str(tmp_path / "samples"), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), preexec_fn=preexec_fn)
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), preexec_fn=sigint_as_at_a_terminal)
 
 
 def read_until(stream, prefix, seconds=120):
@@ -65,6 +66,21 @@ def assert_loadable_save(tmp_path, least_step):
     import model
     assert model.load_model("run1", str(tmp_path / "checkpoint")).hparams.n_ctx == 64
     return step
+
+
+@contextlib.contextmanager
+def file_size_limit(size):
+    """This process's writes past `size` bytes fail with EFBIG while it lasts (Python ignores SIGXFSZ, which would
+    otherwise end the process)."""
+    import resource
+
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, saved[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, saved)
 
 
 def test_memorises_a_small_corpus_and_the_run_directory_samples_it_back(tiny_models_dir, tmp_path, corpus):
@@ -206,15 +222,13 @@ def test_a_full_disk_during_a_save_is_a_one_line_error_and_the_previous_save_sta
     run = tmp_path / "checkpoint" / "run1"
     files = sorted(os.listdir(run))
 
-    def small_files_only():  # writes past 1 MB fail (EFBIG) as on a full disk; the tiny model's weights are 6 MB
-        import resource
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
-
-    process = start_training(tiny_models_dir, tmp_path, corpus, "--max_steps", "3", "--sample_every", "0",
-                             UNCOMPILED, preexec_fn=small_files_only)
-    stdout, stderr = process.communicate(timeout=240)
-    assert process.returncode == 2, stderr
-    assert re.fullmatch(r"error: cannot save .*model-3: File too large; .*resume from model-1.*\n", stderr), stderr
+    # Writes past 1 MB fail (EFBIG) as on a full disk; the tiny model's weights are 6 MB.
+    with file_size_limit(2 ** 20):
+        result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "3", "--sample_every", "0",
+                       UNCOMPILED)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"error: cannot save .*model-3: File too large; .*resume from model-1.*\n", result.stderr), \
+        result.stderr
     assert sorted(os.listdir(run)) == files  # no temporary or unlisted files
     assert assert_loadable_save(tmp_path, 1) == 1
 
