@@ -1,13 +1,13 @@
 """benchmark.py runs end to end and reports every figure; its numbers are not judged here."""
 import json
 
-from conftest import run_main, run_script
+from conftest import run_main
 
 
 def test_json_report_on_a_model_directory(tiny_models_dir):
-    result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--batch_size", 2,
-                        "--prompt_length", 4, "--length", 6, "--hf", "False", "--json", "--train_length", 16,
-                        "--train_steps", 1)
+    result = run_main("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--batch_size", 2,
+                      "--prompt_length", 4, "--length", 6, "--hf", "False", "--json", "--train_length", 16,
+                      "--train_steps", 1)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ["decode_tok_s_batch1", "decode_tok_s_batch2", "first_token_ms_batch1", "prefill_tok_s_512",
@@ -27,9 +27,9 @@ def test_json_report_on_a_model_directory(tiny_models_dir):
 
 
 def test_training_alone(tiny_models_dir):
-    result = run_script("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--generate", "False",
-                        "--train_batch", 2, "--train_length", 8, "--train_steps", 1, "--hf", "False", "--json",
-                        "--train_precision", "mixed_bfloat16")
+    result = run_main("benchmark.py", "--model_name", "tiny", "--models_dir", tiny_models_dir, "--generate", "False",
+                      "--train_batch", 2, "--train_length", 8, "--train_steps", 1, "--hf", "False", "--json",
+                      "--train_precision", "mixed_bfloat16")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["train_batch"] == 2 and report["train_tok_s"] > 0 and "decode_tok_s_batch1" not in report

@@ -1,5 +1,7 @@
 """train.py end to end on the tiny model: memorising, resuming, Ctrl-C and SIGTERM, a closed stdout, a full
-disk, devices, bad input."""
+disk, devices, bad input. Runs go through conftest.run_main (this process) unless the process itself is
+what is tested: signals, a closed stdout, devices set before TensorFlow starts, TF_CONFIG."""
+import contextlib
 import json
 import os
 import re
@@ -13,36 +15,39 @@ import pytest
 
 import train as train_script
 from cli import UserError
-from conftest import REPO_ROOT, SRC_DIR, run_script, sigint_as_at_a_terminal
+from conftest import REPO_ROOT, SRC_DIR, run_main, run_script, sigint_as_at_a_terminal
 
 CORPUS = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun by the door."
 STEP_LINE = re.compile(r"^\[(\d+) \| (\d+\.\d\d)\] loss=(\d+\.\d\d) avg=(\d+\.\d\d)$", re.M)
+# For the runs that test resuming, saving and stopping, not the step (test_trainer and test_lora test it compiled, the
+# memorising run here too): XLA's compiling costs each run ~3 s.
+UNCOMPILED = "--noxla"
 
 
-@pytest.fixture()
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(CORPUS, encoding="utf-8")
     return str(path)
 
 
-def train(tiny_models_dir, tmp_path, *args, env=None):
-    return run_script("train.py", "--model_name", "tiny", "--models_dir", tiny_models_dir,
-                      "--checkpoint_dir", str(tmp_path / "checkpoint"), "--sample_dir", str(tmp_path / "samples"),
-                      *args, env=env)
+def train(tiny_models_dir, tmp_path, *args, env=None, runner=run_main):
+    return runner("train.py", "--model_name", "tiny", "--models_dir", tiny_models_dir,
+                  "--checkpoint_dir", str(tmp_path / "checkpoint"), "--sample_dir", str(tmp_path / "samples"),
+                  *args, env=env)
 
 
 def losses(stdout):
     return [(int(m.group(1)), float(m.group(3))) for m in STEP_LINE.finditer(stdout)]
 
 
-def start_training(tiny_models_dir, tmp_path, corpus, *args, preexec_fn=sigint_as_at_a_terminal):
+def start_training(tiny_models_dir, tmp_path, corpus, *args):
     """train.py as a child process whose stdout and stderr pipes the test reads (or closes)."""
     command = [sys.executable, os.path.join(SRC_DIR, "train.py"), "--dataset", corpus, "--model_name", "tiny",
                "--models_dir", tiny_models_dir, "--checkpoint_dir", str(tmp_path / "checkpoint"),
                "--sample_dir", str(tmp_path / "samples"), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), preexec_fn=preexec_fn)
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), preexec_fn=sigint_as_at_a_terminal)
 
 
 def read_until(stream, prefix, seconds=120):
@@ -63,6 +68,21 @@ def assert_loadable_save(tmp_path, least_step):
     return step
 
 
+@contextlib.contextmanager
+def file_size_limit(size):
+    """This process's writes past `size` bytes fail with EFBIG while it lasts (Python ignores SIGXFSZ, which would
+    otherwise end the process)."""
+    import resource
+
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, saved[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, saved)
+
+
 def test_memorises_a_small_corpus_and_the_run_directory_samples_it_back(tiny_models_dir, tmp_path, corpus):
     result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--learning_rate", "0.01", "--max_steps", "120",
                    "--save_every", "50", "--sample_every", "60", "--sample_length", "8", "--seed", "1")
@@ -79,16 +99,17 @@ def test_memorises_a_small_corpus_and_the_run_directory_samples_it_back(tiny_mod
     assert (tmp_path / "samples" / "run1" / "samples-120").read_text().startswith("======== SAMPLE 1 ========")
 
     prompt = "The quick brown fox"
-    sampled = run_script("generate_conditional_samples.py", prompt, "--models_dir", str(tmp_path / "checkpoint"),
-                         "--model_name", "run1", "--temperature", "0", "--length", "17")
+    sampled = run_main("generate_conditional_samples.py", prompt, "--models_dir", str(tmp_path / "checkpoint"),
+                       "--model_name", "run1", "--temperature", "0", "--length", "17")
     assert sampled.returncode == 0, sampled.stderr
     assert CORPUS[len(prompt):] in sampled.stdout
 
 
 def test_restarting_with_latest_continues_the_count_and_the_optimizer(tiny_models_dir, tmp_path, corpus):
-    first = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "3", "--sample_every", "0")
+    options = ["--dataset", corpus, "--sample_every", "0", UNCOMPILED]
+    first = train(tiny_models_dir, tmp_path, *options, "--max_steps", "3")
     assert first.returncode == 0, first.stderr
-    second = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "5", "--sample_every", "0")
+    second = train(tiny_models_dir, tmp_path, *options, "--max_steps", "5")
     assert second.returncode == 0, second.stderr
     assert [s for s, _ in losses(second.stdout)] == [4, 5]
     assert "at step 3 with its optimizer state" in second.stdout
@@ -100,13 +121,13 @@ def test_restarting_with_latest_continues_the_count_and_the_optimizer(tiny_model
     assert done.stdout.strip() == (f"{run} is already at step 5 and --max_steps is 4: nothing to do "
                                    "(raise --max_steps to train further)")
     assert (run / "counter").read_text().strip() == "5"
-    fresh = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0",
-                  "--restore_from", "fresh")
+    fresh = train(tiny_models_dir, tmp_path, *options, "--max_steps", "1", "--restore_from", "fresh")
     assert [s for s, _ in losses(fresh.stdout)] == [1]
 
 
 def test_an_adafactor_run_resumes_with_its_factored_state(tiny_models_dir, tmp_path, corpus):
-    options = ["--dataset", corpus, "--sample_every", "0", "--optimizer", "adafactor", "--adafactor_beta1", "0.9"]
+    options = ["--dataset", corpus, "--sample_every", "0", "--optimizer", "adafactor", "--adafactor_beta1", "0.9",
+               UNCOMPILED]
     first = train(tiny_models_dir, tmp_path, *options, "--max_steps", "2")
     assert first.returncode == 0, first.stderr
     run = tmp_path / "checkpoint" / "run1"
@@ -130,7 +151,7 @@ def test_an_adafactor_run_resumes_with_its_factored_state(tiny_models_dir, tmp_p
 def test_a_lora_run_resumes_its_adapters_and_its_saves_load_in_the_sampling_scripts(tiny_models_dir, tmp_path,
                                                                                       corpus):
     options = ["--dataset", corpus, "--sample_every", "0", "--lora_rank", "2", "--lora_alpha", "4",
-               "--learning_rate", "0.01"]
+               "--learning_rate", "0.01", UNCOMPILED]
     first = train(tiny_models_dir, tmp_path, *options, "--max_steps", "2")
     assert first.returncode == 0, first.stderr
     run = tmp_path / "checkpoint" / "run1"
@@ -140,8 +161,8 @@ def test_a_lora_run_resumes_its_adapters_and_its_saves_load_in_the_sampling_scri
     assert "at step 2 with its optimizer state" in second.stdout
     assert [s for s, _ in losses(second.stdout)] == [3, 4]
     assert {n for n in os.listdir(run) if n.startswith("lora-")} == {"lora-4.index", "lora-4.data-00000-of-00001"}
-    sampled = run_script("generate_unconditional_samples.py", "--models_dir", str(tmp_path / "checkpoint"),
-                         "--model_name", "run1", "--length", "4", "--nsamples", "1", "--seed", "1")
+    sampled = run_main("generate_unconditional_samples.py", "--models_dir", str(tmp_path / "checkpoint"),
+                       "--model_name", "run1", "--length", "4", "--nsamples", "1", "--seed", "1")
     assert sampled.returncode == 0, sampled.stderr
     assert "SAMPLE 1" in sampled.stdout
     other = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--lora_rank", "3", "--max_steps", "5")
@@ -150,7 +171,8 @@ def test_a_lora_run_resumes_its_adapters_and_its_saves_load_in_the_sampling_scri
 
 
 def test_ctrl_c_stops_after_the_step_and_saves_a_loadable_checkpoint(tiny_models_dir, tmp_path, corpus):
-    process = start_training(tiny_models_dir, tmp_path, corpus, "--sample_every", "0", "--save_every", "1000000")
+    process = start_training(tiny_models_dir, tmp_path, corpus, "--sample_every", "0", "--save_every", "1000000",
+                             UNCOMPILED)
     assert read_until(process.stdout, "[5 |").startswith("[5 |")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -160,7 +182,8 @@ def test_ctrl_c_stops_after_the_step_and_saves_a_loadable_checkpoint(tiny_models
 
 
 def test_sigterm_stops_after_the_step_and_saves_as_ctrl_c_does(tiny_models_dir, tmp_path, corpus):
-    process = start_training(tiny_models_dir, tmp_path, corpus, "--sample_every", "0", "--save_every", "1000000")
+    process = start_training(tiny_models_dir, tmp_path, corpus, "--sample_every", "0", "--save_every", "1000000",
+                             UNCOMPILED)
     assert read_until(process.stdout, "[3 |").startswith("[3 |")
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -173,7 +196,7 @@ def test_sigterm_stops_after_the_step_and_saves_as_ctrl_c_does(tiny_models_dir, 
 @pytest.mark.parametrize("stop", ["max_steps", "ctrl_c"])
 def test_a_closed_stdout_never_costs_the_run(tiny_models_dir, tmp_path, corpus, stop):
     # As `train.py | head -n 2`, or `train.py | tee log` ended by the Ctrl-C that also stops training.
-    options = ["--sample_every", "2", "--sample_length", "4", "--save_every", "1000000"]
+    options = ["--sample_every", "2", "--sample_length", "4", "--save_every", "1000000", UNCOMPILED]
     process = start_training(tiny_models_dir, tmp_path, corpus, *options,
                              *(["--max_steps", "6"] if stop == "max_steps" else []))
     if stop == "max_steps":
@@ -194,36 +217,47 @@ def test_a_closed_stdout_never_costs_the_run(tiny_models_dir, tmp_path, corpus, 
 
 def test_a_full_disk_during_a_save_is_a_one_line_error_and_the_previous_save_stays(tiny_models_dir, tmp_path,
                                                                                      corpus):
-    first = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0")
+    first = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "1", "--sample_every", "0", UNCOMPILED)
     assert first.returncode == 0, first.stderr
     run = tmp_path / "checkpoint" / "run1"
     files = sorted(os.listdir(run))
 
-    def small_files_only():  # writes past 1 MB fail (EFBIG) as on a full disk; the tiny model's weights are 6 MB
-        import resource
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
-
-    process = start_training(tiny_models_dir, tmp_path, corpus, "--max_steps", "3", "--sample_every", "0",
-                             preexec_fn=small_files_only)
-    stdout, stderr = process.communicate(timeout=240)
-    assert process.returncode == 2, stderr
-    assert re.fullmatch(r"error: cannot save .*model-3: File too large; .*resume from model-1.*\n", stderr), stderr
+    # Writes past 1 MB fail (EFBIG) as on a full disk; the tiny model's weights are 6 MB.
+    with file_size_limit(2 ** 20):
+        result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--max_steps", "3", "--sample_every", "0",
+                       UNCOMPILED)
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(r"error: cannot save .*model-3: File too large; .*resume from model-1.*\n", result.stderr), \
+        result.stderr
     assert sorted(os.listdir(run)) == files  # no temporary or unlisted files
     assert assert_loadable_save(tmp_path, 1) == 1
 
 
-def test_two_mirrored_devices_match_one_device(tiny_models_dir, tmp_path, corpus):
-    options = ["--dataset", corpus, "--batch_size", "2", "--max_steps", "4", "--sample_every", "0",
-               "--learning_rate", "0.001", "--seed", "7"]
-    one = train(tiny_models_dir, tmp_path / "one", *options)
-    two = train(tiny_models_dir, tmp_path / "two", *options, "--strategy", "mirrored",
-                env={"GPT2_CPU_DEVICES": "2"})
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    assert len(losses(one.stdout)) == 4
-    for (step, a), (_, b) in zip(losses(one.stdout), losses(two.stdout)):
+# The options of the runs on several devices, whose losses one_device_losses gives for one device.
+DEVICE_OPTIONS = ["--batch_size", "2", "--sample_every", "0", "--learning_rate", "0.001", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tiny_models_dir, tmp_path_factory, corpus):
+    """The four steps' losses of a run on one device, which the runs on two devices must match."""
+    one = train(tiny_models_dir, tmp_path_factory.mktemp("one"), "--dataset", corpus, *DEVICE_OPTIONS,
+                "--max_steps", "4")
+    assert one.returncode == 0, one.stderr
+    steps = losses(one.stdout)
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    return steps
+
+
+def test_two_mirrored_devices_match_one_device(tiny_models_dir, tmp_path, corpus, one_device_losses):
+    # A fresh process: the CPU is split into devices before TensorFlow initialises them.
+    two = train(tiny_models_dir, tmp_path / "two", "--dataset", corpus, *DEVICE_OPTIONS, "--max_steps", "4",
+                "--strategy", "mirrored", env={"GPT2_CPU_DEVICES": "2"}, runner=run_script)
+    assert two.returncode == 0, two.stderr
+    assert len(losses(two.stdout)) == 4
+    for (step, a), (_, b) in zip(one_device_losses, losses(two.stdout)):
         assert a == pytest.approx(b, abs=0.011), step  # the log shows two decimals
     odd = train(tiny_models_dir, tmp_path / "odd", "--dataset", corpus, "--batch_size", "3", "--strategy", "mirrored",
-                env={"GPT2_CPU_DEVICES": "2"})
+                env={"GPT2_CPU_DEVICES": "2"}, runner=run_script)
     assert odd.returncode == 2 and "multiple of the 2 devices" in odd.stderr
 
 
@@ -239,11 +273,9 @@ def free_ports(count):
     return ports
 
 
-def test_two_workers_through_tf_config_match_one_device(tiny_models_dir, tmp_path, corpus):
-    options = ["--dataset", corpus, "--batch_size", "2", "--max_steps", "3", "--sample_every", "0",
-               "--learning_rate", "0.001", "--seed", "7"]
-    one = train(tiny_models_dir, tmp_path / "one", *options)
-    options += ["--model_name", "tiny", "--models_dir", tiny_models_dir]
+def test_two_workers_through_tf_config_match_one_device(tiny_models_dir, tmp_path, corpus, one_device_losses):
+    options = ["--dataset", corpus, *DEVICE_OPTIONS, "--max_steps", "3", "--model_name", "tiny",
+               "--models_dir", tiny_models_dir]
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
@@ -256,10 +288,9 @@ def test_two_workers_through_tf_config_match_one_device(tiny_models_dir, tmp_pat
     outputs = [p.communicate(timeout=240) for p in processes]
     for p, (_, stderr) in zip(processes, outputs):
         assert p.returncode == 0, stderr
-    expected = losses(one.stdout)
-    assert len(expected) == 3
     for stdout, _ in outputs:
-        for (step, a), (_, b) in zip(expected, losses(stdout)):
+        assert len(losses(stdout)) == 3
+        for (step, a), (_, b) in zip(one_device_losses, losses(stdout)):
             assert a == pytest.approx(b, abs=0.011), step
     # Only the chief (worker 0) writes the run directory.
     assert (tmp_path / "worker0" / "run1" / "model-3.index").exists()
@@ -268,7 +299,7 @@ def test_two_workers_through_tf_config_match_one_device(tiny_models_dir, tmp_pat
 
 def test_validation_loss_is_reported(tiny_models_dir, tmp_path, corpus):
     result = train(tiny_models_dir, tmp_path, "--dataset", corpus, "--val_dataset", corpus, "--val_every", "2",
-                   "--val_batch_count", "2", "--max_steps", "2", "--sample_every", "0")
+                   "--val_batch_count", "2", "--max_steps", "2", "--sample_every", "0", UNCOMPILED)
     assert result.returncode == 0, result.stderr
     assert len(re.findall(r"^\[\d+ \| \d+\.\d\d\] validation loss = \d+\.\d\d$", result.stdout, re.M)) == 2
 

@@ -127,15 +127,15 @@ def test_sgd_step_is_learning_rate_times_gradient(weights, batches, xla):
 def test_accumulated_gradients_are_averaged_not_summed(weights, batches):
     accumulated = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, accumulate_gradients=2)
     loss = accumulated.train_step(batches[:2], 0)
-    # Two equal-sized batches averaged = one batch holding both.
-    together = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5)
+    # Two equal-sized batches averaged = one batch holding both (uncompiled: a reference, and XLA's compiling ~3 s).
+    together = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, xla=False)
     assert loss == pytest.approx(together.train_step([np.concatenate(batches[:2])], 0), rel=1e-5)
     for n, value in values(together).items():
         np.testing.assert_allclose(values(accumulated)[n], value, atol=1e-6, err_msg=n)
 
 
 def test_memory_saving_gradients_give_the_same_update(weights, batches):
-    plain = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5)
+    plain = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, xla=False)  # as recomputation runs
     recomputed = fresh_trainer(weights, optimizer="sgd", learning_rate=0.5, memory_saving_gradients=True)
     assert plain.train_step([batches[0]], 0) == pytest.approx(recomputed.train_step([batches[0]], 0), rel=1e-6)
     for n, value in values(plain).items():
@@ -160,23 +160,30 @@ def test_noise_replaces_inputs_at_the_given_rate_deterministically():
 
 
 def test_noise_changes_the_inputs_not_the_targets(weights, batches):
-    clean = fresh_trainer(weights, optimizer="sgd", learning_rate=0.0 + 1e-9)
+    # The references uncompiled: XLA's compiling costs each trainer ~3 s.
+    clean = fresh_trainer(weights, optimizer="sgd", learning_rate=0.0 + 1e-9, xla=False)
     noisy = fresh_trainer(weights, optimizer="sgd", learning_rate=1e-9, noise=0.5)
     clean_loss = clean.train_step([batches[0]], 0)
     assert noisy.train_step([batches[0]], 0) != pytest.approx(clean_loss, rel=1e-4)
     # Noise of 0 is exactly the clean loss.
-    assert fresh_trainer(weights, learning_rate=1e-9, noise=0.0).train_step([batches[0]], 0) == \
+    assert fresh_trainer(weights, learning_rate=1e-9, noise=0.0, xla=False).train_step([batches[0]], 0) == \
         pytest.approx(clean_loss, rel=1e-6)
 
 
+@pytest.fixture(scope="module")
+def float32_losses(weights, batches):
+    """The losses of two float32 steps, which the mixed-precision steps must track (uncompiled, as they run)."""
+    exact = fresh_trainer(weights, learning_rate=1e-3, xla=False)
+    return [exact.train_step([batches[step]], step) for step in range(2)]
+
+
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_keeps_float32_weights_and_tracks_the_float32_loss(weights, batches, precision):
-    exact = fresh_trainer(weights, learning_rate=1e-3)
+def test_mixed_precision_keeps_float32_weights_and_tracks_the_float32_loss(weights, batches, float32_losses,
+                                                                             precision):
     mixed = fresh_trainer(weights, learning_rate=1e-3, precision=precision)
     assert all(v.dtype == tf.float32 for v in mixed.lm.weights.values())
     for step in range(2):
-        assert mixed.train_step([batches[step]], step) == pytest.approx(exact.train_step([batches[step]], step),
-                                                                        abs=0.05)
+        assert mixed.train_step([batches[step]], step) == pytest.approx(float32_losses[step], abs=0.05)
 
 
 def test_sixteen_bit_training_on_a_cpu_leaves_the_matrix_products_to_tensorflow(weights):
