@@ -38,6 +38,15 @@ def file_bytes(name):
     return RELEASED[name]
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    """Keeps quiet when a client hangs up, as the downloader may between its tries: the traceback
+    socketserver prints would land in the stderr that run_main catches from this process."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class Server:
     """Serves `files` (the released ones unless a test changes them) as /models/124M/<file> with
     Range support. `faults` maps a file name to a list of behaviours consumed one per GET: '503',
@@ -120,7 +129,7 @@ class Server:
                 if not head:
                     self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         # shutdown() waits out serve_forever's poll, 0.5 s by default, at every test's teardown.
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.02), daemon=True)
