@@ -261,7 +261,8 @@ class Sampler:
 
     def _chunk_signature(self, batch, state_spec=None):
         scalar = tf.TensorSpec([], tf.int32)
-        return [tf.TensorSpec([batch, None], tf.float32), state_spec or self.engine.state_spec, tf.TensorSpec([batch], tf.bool),
+        state_spec = self.engine.state_spec if state_spec is None else state_spec
+        return [tf.TensorSpec([batch, None], tf.float32), state_spec, tf.TensorSpec([batch], tf.bool),
                 scalar, tf.TensorSpec([batch], tf.int32), scalar, scalar, Knobs.spec(),
                 processors.ControlTensors.spec(), processors.Tally.spec(batch)]
 
