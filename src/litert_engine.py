@@ -25,15 +25,14 @@ from runtime import tf
 def step_signature(hparams, layers=None):
     """Input specs of a converted program holding `layers` (a range, all by default): tokens
     [B, T] for the first program or the hidden state [B, T, d] before its first layer for a
-    later one, pos, pad, then each layer's keys [B, H, capacity, D] and values stored transposed
-    [B, H, D, capacity]."""
+    later one, pos, pad, then each layer's keys and values [B, H, 1, capacity, D]."""
     h, d = hparams.n_head, hparams.head_dim
     layers = range(hparams.n_layer) if layers is None else layers
     first = (tf.TensorSpec([None, None], tf.int32, name="tokens") if layers.start == 0
              else tf.TensorSpec([None, None, hparams.n_embd], tf.float32, name="hidden"))
     return ([first, tf.TensorSpec([], tf.int32, name="pos"), tf.TensorSpec([None], tf.int32, name="pad")]
-            + [tf.TensorSpec([None, h, None, d], tf.float32, name=f"keys_{i}") for i in layers]
-            + [tf.TensorSpec([None, h, d, None], tf.float32, name=f"values_{i}") for i in layers])
+            + [tf.TensorSpec([None, h, 1, None, d], tf.float32, name=f"{kind}_{i}")
+               for kind in ("keys", "values") for i in layers])
 
 
 def step_program(lm, layers=None):
@@ -47,7 +46,7 @@ def step_program(lm, layers=None):
     def run(inputs, pos, pad, *cache):
         keys, values = cache[:n], cache[n:]
         b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
-        capacity = tf.shape(keys[0])[2]
+        capacity = tf.shape(keys[0])[3]
         query_pos = pos + tf.range(t)  # [T]
         w = lm.layers  # variables: a program reads, and so holds, only what it uses
         x = model.embed(w, inputs, tf.maximum(query_pos[None, :] - pad[:, None], 0)) if layers.start == 0 else inputs
@@ -64,10 +63,13 @@ def step_program(lm, layers=None):
         for i, p in enumerate(lm.read_block(w.blocks[j]) for j in layers):
             qkv = tf.reshape(attention_input(x, p), [b, t, 3, hp.n_head, hp.head_dim])
             q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # [B, H, T, D] each
-            scores = tf.concat([tf.matmul(q, keys[i], transpose_b=True), tf.matmul(q, k, transpose_b=True)], -1)
+            # The cache's products as broadcast multiplies and sums over its 5-D layout, which
+            # XNNPACK streams near memory speed: a batched product repacks the cache every call.
+            cached_scores = tf.reduce_sum(tf.expand_dims(q, 3) * keys[i], -1)  # [B, H, T, C]
+            scores = tf.concat([cached_scores, tf.matmul(q, k, transpose_b=True)], -1)
             weights = model.softmax(scores * scale * mask.keep + mask.bias)  # [B, H, T, C + T]
             old, new = weights[..., :capacity], weights[..., capacity:]
-            a = tf.matmul(old, values[i], transpose_b=True) + tf.matmul(new, v)  # [B, H, T, D]
+            a = tf.reduce_sum(tf.expand_dims(old, -1) * values[i], 3) + tf.matmul(new, v)  # [B, H, T, D]
             x = block_output(x, tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [b * t, hp.n_embd]), p)
             new_keys.append(k)
             new_values.append(v)
@@ -80,7 +82,7 @@ def step_program(lm, layers=None):
 
 
 # Bumped whenever the converted program changes, so older conversions count as stale.
-PROGRAM_VERSION = 2
+PROGRAM_VERSION = 3
 DTYPES = ("float32", "int8")
 # Where conversions are cached, inside the model's directory.
 CACHE_DIR = "litert"
@@ -316,14 +318,15 @@ class Engine:
                                    [batch, t] if piece.first else [batch, t, e])
             it.resize_tensor_input(piece.inputs["pad"], [batch])
             for i in piece.layers:
-                it.resize_tensor_input(piece.inputs[f"keys_{i}"], [batch, h, capacity, d])
-                it.resize_tensor_input(piece.inputs[f"values_{i}"], [batch, h, d, capacity])
+                for kind in ("keys", "values"):
+                    it.resize_tensor_input(piece.inputs[f"{kind}_{i}"], [batch, h, 1, capacity, d])
             it.allocate_tensors()
         self._shape = (batch, t, capacity)
 
     def _cache_views(self):
-        """Views of the buffers: each layer's keys [B, H, C, D] and values [B, H, D, C]."""
-        return [piece.view(k) for piece, k, _ in self._slots], [piece.view(v) for piece, _, v in self._slots]
+        """Views of the buffers: each layer's keys and values [B, H, C, D]."""
+        return ([piece.view(k)[:, :, 0] for piece, k, _ in self._slots],
+                [piece.view(v)[:, :, 0] for piece, _, v in self._slots])
 
     def _set_aside(self):
         """Copies the state in the buffers out of them, if anything still holds it."""
@@ -382,7 +385,7 @@ class Engine:
         cached_keys, cached_values = self._cache_views()
         for i in range(len(self._slots)):
             cached_keys[i][:, :, :t] = keys[i]
-            cached_values[i][:, :, :, :t] = np.swapaxes(values[i], -1, -2)
+            cached_values[i][:, :, :t] = values[i]
         del cached_keys, cached_values
         state = State(batch, capacity)
         self._current = weakref.ref(state)
@@ -394,8 +397,8 @@ class Engine:
         pos = int(pos)
         logits, keys, values = self._run(np.asarray(token, np.int32)[:, None], pos, None)
         for (piece, k, v), new_keys, new_values in zip(self._slots, keys, values):
-            piece.view(k)[:, :, pos] = new_keys[:, :, 0]
-            piece.view(v)[:, :, :, pos] = new_values[:, :, 0]
+            piece.view(k)[:, :, 0, pos] = new_keys[:, :, 0]
+            piece.view(v)[:, :, 0, pos] = new_values[:, :, 0]
         return logits, state
 
     def rearrange(self, state, batch, rows, start, capacity):
@@ -406,7 +409,7 @@ class Engine:
         positions = np.clip(np.arange(int(start), int(start) + int(capacity)), 0, state.capacity - 1)
         keys, values = self._arrays(state)
         return State(len(rows), int(capacity), ([k[rows][:, :, positions] for k in keys],
-                                                [v[rows][..., positions] for v in values]))
+                                                [v[rows][:, :, positions] for v in values]))
 
     def concat(self, first, second, capacity):
         """The rows of two states of `capacity` positions in one, first's rows first."""

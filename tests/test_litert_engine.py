@@ -298,9 +298,8 @@ def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_di
     it = Interpreter(model_path=path)
     runner = it.get_signature_runner()
     tokens = np.array([[5, 6, 7]], np.int32)
-    empty_keys = np.zeros([1, hp["n_head"], 1, hp["n_embd"] // hp["n_head"]], np.float32)
-    cache = {f"keys_{i}": empty_keys for i in range(hp["n_layer"])}
-    cache.update({f"values_{i}": np.swapaxes(empty_keys, 2, 3) for i in range(hp["n_layer"])})
+    empty = np.zeros([1, hp["n_head"], 1, 1, hp["n_embd"] // hp["n_head"]], np.float32)
+    cache = {f"{kind}_{i}": empty for kind in ("keys", "values") for i in range(hp["n_layer"])}
     out = runner(tokens=tokens, pos=np.int32(0), pad=np.zeros([1], np.int32), **cache)
     assert out["output_0"].shape == (1, hp["n_vocab"])
     assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, hp["n_head"], 3, 8)
