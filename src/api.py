@@ -13,8 +13,10 @@ import checkpoint
 import decode
 import encoder as encoder_lib
 import hparams as hparams_lib
+import litert_convert
 import litert_engine
 import model as model_lib
+import model_files
 import sample as sample_lib
 import score as score_lib
 import runtime
@@ -67,19 +69,20 @@ def load(model_name="124M", models_dir="models", dtype="float32", engine="tf", p
     path = hparams = None
     if engine == "auto":  # auto's choice depends on the model's size
         path = hparams_lib.model_dir(model_name, models_dir)
-        hparams = checkpoint.load_hparams(path)
+        hparams = model_files.load_hparams(path)
     if choose_engine(engine, dtype, hparams) == "tf":
+        litert_engine.discard_preloaded()
         lm = model_lib.load_model(model_name, models_dir, dtype=dtype)
         return Model(lm, encoder_lib.Encoder.from_dir(lm.path))
     if hparams is None:
         path = hparams_lib.model_dir(model_name, models_dir)
-        hparams = checkpoint.load_hparams(path)
+        hparams = model_files.load_hparams(path)
     dtype = "float32" if dtype == "fp32" else dtype
 
     def load_lm():
         return model_lib.load_model(model_name, models_dir)
 
-    program = litert_engine.cached_program(path, hparams, dtype, load_lm, progress=progress)
+    program = litert_convert.cached_program(path, hparams, dtype, load_lm, progress=progress)
     return Model(None, encoder_lib.Encoder.from_dir(path), engine=litert_engine.Engine(program, hparams),
                  load_lm=load_lm, path=path)
 

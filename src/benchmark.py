@@ -84,9 +84,10 @@ def train_rate(model_dir, batch, length, steps, precision="float32", xla=True, o
 
     import checkpoint
     import lora
+    import model_files
     import trainer
 
-    hp = checkpoint.load_hparams(model_dir)
+    hp = model_files.load_hparams(model_dir)
     strategy = tf.distribute.get_strategy()
     adapters = lora.Config(lora_rank) if lora_rank else None
     # Read one tensor at a time, as train.py does: a dict of them all would be a second copy.
@@ -457,6 +458,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
 
     import checkpoint
     import hparams as hparams_lib
+    import model_files
     import trainer
 
     if train:
@@ -477,7 +479,7 @@ def benchmark(model_name="124M", models_dir="models", random=None, batch_size=8,
                                               engine))
             results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if generate and script:
-            n_ctx = checkpoint.load_hparams(hparams_lib.model_dir(model_name, models_dir)).n_ctx
+            n_ctx = model_files.load_hparams(hparams_lib.model_dir(model_name, models_dir)).n_ctx
             results.update(script_figures(model_name, models_dir, dtype, n_ctx, engine))
         if train:
             tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})

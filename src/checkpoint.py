@@ -19,7 +19,7 @@ import hf_format
 from encoder import DEFAULT_VOCAB_DIR as VOCAB_DIR
 from encoder import vocab_texts, write_vocab
 from errors import UserError
-from hparams import HParams
+from model_files import REDOWNLOAD, checkpoint_prefix
 from runtime import tf
 
 
@@ -132,44 +132,6 @@ def model_values(weights, hparams, compute_dtype, matrix_dtype):
         yield name, to_model_layout(name, value, compute_dtype)
 
 
-def weight_sources(model_dir):
-    """The files a model directory's weights and shape are read from, in either format."""
-    if hf_format.is_hf_dir(model_dir):
-        names = [hf_format.CONFIG_FILE] + sorted(
-            f for f in os.listdir(model_dir) if f.endswith(".safetensors") or f in (hf_format.INDEX_FILE,
-                                                                                    hf_format.PICKLE_FILE))
-        return [os.path.join(model_dir, f) for f in names]
-    prefix = checkpoint_prefix(model_dir)
-    data = sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir)
-                  if os.path.join(model_dir, f).startswith(prefix + "."))
-    return data + [os.path.join(model_dir, "hparams.json")]
-
-
-def checkpoint_prefix(model_dir):
-    """The checkpoint prefix that `model_dir/checkpoint` names, inside `model_dir` itself.
-
-    TF1 savers may write an absolute path into `checkpoint`, which tf.train.latest_checkpoint
-    follows: a copied directory would read the original's weights. So only the named file's
-    place inside this directory counts (a directory without `checkpoint` falls back to model.ckpt).
-    """
-    named = "model.ckpt"
-    state_file = os.path.join(model_dir, "checkpoint")
-    if os.path.exists(state_file):
-        try:
-            with open(state_file, encoding="utf-8") as f:
-                found = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', f.read(), re.MULTILINE)
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {state_file} ({e}): {_REDOWNLOAD}") from None
-        if not found:
-            raise UserError(f"{state_file} names no checkpoint: {_REDOWNLOAD}")
-        named = found.group(1)
-    inside = os.path.basename(named) if os.path.isabs(named) else os.path.normpath(named)
-    prefix = os.path.join(model_dir, inside)
-    if inside.startswith(os.pardir) or not os.path.exists(prefix + ".index"):
-        raise UserError(f"no checkpoint {inside!r} in '{model_dir}': {_REDOWNLOAD}")
-    return prefix
-
-
 def compare_shapes(expected, found):
     """A one-line description of how `found` differs from `expected` (name -> shape), or None."""
     missing = sorted(set(expected) - set(found))
@@ -197,7 +159,7 @@ class CheckpointWeights(collections.abc.Mapping):
         try:
             found = tf.train.load_checkpoint(self.prefix).get_variable_to_shape_map()
         except (tf.errors.OpError, ValueError) as e:
-            raise UserError(f"checkpoint {self.prefix} is unreadable ({_first_line(e)}): {_REDOWNLOAD}") from None
+            raise UserError(f"checkpoint {self.prefix} is unreadable ({_first_line(e)}): {REDOWNLOAD}") from None
         self.shapes = variable_shapes(hparams)
         problem = compare_shapes(self.shapes, found)
         if problem:
@@ -212,7 +174,7 @@ class CheckpointWeights(collections.abc.Mapping):
                                           dtypes=[tf.float32])[0]
         except tf.errors.OpError as e:
             raise UserError(f"checkpoint {self.prefix} is corrupt or truncated ({_first_line(e)}): "
-                            f"{_REDOWNLOAD}") from None
+                            f"{REDOWNLOAD}") from None
         return tf.cast(tensor, self.dtype) if self.dtype != tf.float32 else tensor
 
     def __iter__(self):
@@ -222,7 +184,6 @@ class CheckpointWeights(collections.abc.Mapping):
         return len(self.shapes)
 
 
-_REDOWNLOAD = "download the model again with download_model.py"
 
 
 def read_weights(model_dir, hparams, dtype=tf.float32, prefix=None):
@@ -312,17 +273,6 @@ def _save_tf1_checkpoint(prefix, shapes, weights):
 def write_random_model(path, hparams, seed=0, std=0.02):
     """Writes a random-weight model of `hparams`' shape in the released format; returns `path`."""
     return write_model_dir(path, hparams, random_weights(hparams, seed=seed, std=std))
-
-
-def load_hparams(model_dir):
-    """The HParams of a model directory: its hparams.json, or a Hugging Face directory's config.json."""
-    if hf_format.is_hf_dir(model_dir):
-        return hf_format.read_hparams(model_dir)
-    path = os.path.join(model_dir, "hparams.json")
-    if os.path.isdir(model_dir) and not os.path.exists(path):
-        raise UserError(f"'{model_dir}' holds neither hparams.json (the released format) nor {hf_format.CONFIG_FILE} "
-                        f"(Hugging Face's): {_REDOWNLOAD}, or pass a Hugging Face model directory")
-    return HParams.from_json(path)
 
 
 def open_weights(model_dir, hparams, prefix=None):

@@ -6,6 +6,7 @@ import tempfile
 
 import cli
 import hf_format
+import model_files
 from errors import UserError
 
 
@@ -27,7 +28,7 @@ def convert_dir(source, out):
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"out '{out}' already exists: choose a new directory")
     to_hf = not hf_format.is_hf_dir(source)
-    hparams = checkpoint.load_hparams(source)
+    hparams = model_files.load_hparams(source)
     weights = {name: np.asarray(w) for name, w in checkpoint.open_weights(source, hparams).items()}
     vocab = encoder.vocab_texts(source, hint=f"copy the vocabulary in from {encoder.DEFAULT_VOCAB_DIR}")
     parent = os.path.dirname(out)

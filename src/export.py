@@ -41,9 +41,9 @@ def export_tflite(model_name, models_dir, out, dtype):
     not fit one flatbuffer) with its hparams and vocabulary into `out`; README.md says what they
     take and return. Returns the programs' paths, a line each."""
     import hparams
-    import litert_engine
+    import litert_convert
 
-    return "\n".join(litert_engine.export_tflite(hparams.model_dir(model_name, models_dir), out, dtype))
+    return "\n".join(litert_convert.export_tflite(hparams.model_dir(model_name, models_dir), out, dtype))
 
 
 # --format -> the function writing it; each takes (model_name, models_dir, out, dtype) and returns the path.

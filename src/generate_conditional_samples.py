@@ -49,6 +49,9 @@ def sample_model(prompt: str = None, prompt_file: str = None, per_line: bool = F
                  bad_words: cli.str_or_list = None, min_length: int = 0, json: bool = False, logprobs: int = None,
                  truncate: str = "error"):
     # Imported here so --help answers without starting TensorFlow.
+    import litert_engine
+
+    litert_engine.preload(model_name, models_dir, dtype, engine)  # before TensorFlow, for a lower peak
     runtime.fast_start(system_allocator=True)
     import api
     import console

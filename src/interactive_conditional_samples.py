@@ -39,6 +39,9 @@ def interact_model(model_name: str = "124M", seed: int = None, nsamples: int = 1
                    repetition_penalty=1, presence_penalty=0, frequency_penalty=0, logit_bias: str = None,
                    bad_words: cli.str_or_list = None, min_length: int = 0, truncate: str = "error"):
     # Imported here so --help answers without starting TensorFlow.
+    import litert_engine
+
+    litert_engine.preload(model_name, models_dir, dtype, engine)  # before TensorFlow, for a lower peak
     runtime.fast_start(system_allocator=True)
     import api
     import console

@@ -1,9 +1,13 @@
-"""A decode engine on LiteRT (TensorFlow Lite): the same transformer, converted once and cached.
+"""A decode engine on LiteRT (TensorFlow Lite): runs the programs `litert_convert` writes.
 
 The model's one program takes tokens [B, T] at position `pos` beside the cache, and returns the
 last position's logits [B, V] and the new tokens' keys and values. The cache is the program's
 inputs, written in place between calls through the interpreter's views of its input buffers,
 so no step copies it; attention reads the cache and the new tokens' own keys separately.
+
+Running needs no TensorFlow, so `preload` can pack a cached program's weights before it loads:
+packing holds the packed copy beside the mapped file, and that peak then stays below
+TensorFlow's share instead of on top of it.
 """
 import contextlib
 import glob
@@ -15,70 +19,9 @@ import weakref
 
 import numpy as np
 
-import checkpoint
-import model
+import hparams as hparams_lib
+import model_files
 from errors import UserError
-from model import attention_input, block_output, norm
-from runtime import tf
-
-
-def step_signature(hparams, layers=None):
-    """Input specs of a converted program holding `layers` (a range, all by default): tokens
-    [B, T] for the first program or the hidden state [B, T, d] before its first layer for a
-    later one, pos, pad, then each layer's keys and values [B, H, 1, capacity, D]."""
-    h, d = hparams.n_head, hparams.head_dim
-    layers = range(hparams.n_layer) if layers is None else layers
-    first = (tf.TensorSpec([None, None], tf.int32, name="tokens") if layers.start == 0
-             else tf.TensorSpec([None, None, hparams.n_embd], tf.float32, name="hidden"))
-    return ([first, tf.TensorSpec([], tf.int32, name="pos"), tf.TensorSpec([None], tf.int32, name="pad")]
-            + [tf.TensorSpec([None, h, 1, None, d], tf.float32, name=f"{kind}_{i}")
-               for kind in ("keys", "values") for i in layers])
-
-
-def step_program(lm, layers=None):
-    """The function the converter takes for `layers` (all by default): (tokens or hidden, pos,
-    pad, *keys, *values) -> (logits [B, V] after the last layer or the hidden state [B, T, d],
-    new keys [L, B, H, T, D], new values [L, B, H, T, D])."""
-    hp = lm.hparams
-    layers = range(hp.n_layer) if layers is None else layers
-    n = len(layers)
-
-    def run(inputs, pos, pad, *cache):
-        keys, values = cache[:n], cache[n:]
-        b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
-        capacity = tf.shape(keys[0])[3]
-        query_pos = pos + tf.range(t)  # [T]
-        w = lm.layers  # variables: a program reads, and so holds, only what it uses
-        x = model.embed(w, inputs, tf.maximum(query_pos[None, :] - pad[:, None], 0)) if layers.start == 0 else inputs
-        x = tf.reshape(x, [b * t, hp.n_embd])  # rows, so each dense layer is one 2-D product
-        # Keys before pos come from the cache, the rest are the new tokens' own.
-        cached_pos = tf.range(capacity)
-        keep_cached = tf.logical_and(cached_pos[None, None, :] < pos, cached_pos[None, None, :] >= pad[:, None, None])
-        keep_cached = tf.broadcast_to(keep_cached, tf.stack([b, t, capacity]))  # [B, T, C]
-        keep_new = tf.logical_and(query_pos[None, None, :] <= query_pos[None, :, None],
-                                  query_pos[None, None, :] >= pad[:, None, None])  # [B, T, T]
-        mask = model.Mask.of(tf.cast(tf.concat([keep_cached, keep_new], -1), tf.float32)[:, None])
-        scale = tf.math.rsqrt(tf.constant(hp.head_dim, tf.float32))
-        new_keys, new_values = [], []
-        for i, p in enumerate(lm.read_block(w.blocks[j]) for j in layers):
-            qkv = tf.reshape(attention_input(x, p), [b, t, 3, hp.n_head, hp.head_dim])
-            q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # [B, H, T, D] each
-            # The cache's products as broadcast multiplies and sums over its 5-D layout, which
-            # XNNPACK streams near memory speed: a batched product repacks the cache every call.
-            cached_scores = tf.reduce_sum(tf.expand_dims(q, 3) * keys[i], -1)  # [B, H, T, C]
-            scores = tf.concat([cached_scores, tf.matmul(q, k, transpose_b=True)], -1)
-            weights = model.softmax(scores * scale * mask.keep + mask.bias)  # [B, H, T, C + T]
-            old, new = weights[..., :capacity], weights[..., capacity:]
-            a = tf.reduce_sum(tf.expand_dims(old, -1) * values[i], 3) + tf.matmul(new, v)  # [B, H, T, D]
-            x = block_output(x, tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [b * t, hp.n_embd]), p)
-            new_keys.append(k)
-            new_values.append(v)
-        x = tf.reshape(x, [b, t, hp.n_embd])
-        if layers.stop < hp.n_layer:
-            return x, tf.stack(new_keys), tf.stack(new_values)
-        return model.logits(norm(x[:, -1], w.ln_f), w.wte), tf.stack(new_keys), tf.stack(new_values)
-
-    return run
 
 
 # Bumped whenever the converted program changes, so older conversions count as stale.
@@ -134,10 +77,30 @@ def cache_key(model_dir, dtype):
     hparams.json or config.json, the dtype, the program's version and the converter's and interpreter's versions."""
     from importlib import metadata
 
-    files = checkpoint.weight_sources(model_dir)
+    files = model_files.weight_sources(model_dir)
     stats = [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    parts = [PROGRAM_VERSION, dtype, tf.__version__, metadata.version("ai-edge-litert"), stats]
+    parts = [PROGRAM_VERSION, dtype, converter_version(), metadata.version("ai-edge-litert"), stats]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def converter_version():
+    """TensorFlow's version, from its package's record when it has one, so TensorFlow need not load."""
+    from importlib import metadata
+
+    for name in ("tensorflow", "tensorflow-cpu", "tf-nightly", "tf-nightly-cpu"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    import tensorflow  # installed under a name not listed above
+
+    return tensorflow.__version__
+
+
+def cached_paths(model_dir, hparams, dtype):
+    """The paths a conversion of `model_dir` to `dtype` for its current weights is cached at."""
+    names = program_names(f"{dtype}-{cache_key(model_dir, dtype)}", len(split(hparams, dtype)))
+    return [os.path.join(model_dir, CACHE_DIR, name) for name in names]
 
 
 def program_names(stem, pieces):
@@ -145,36 +108,6 @@ def program_names(stem, pieces):
     if pieces == 1:
         return [f"{stem}.tflite"]
     return [f"{stem}-{k}of{pieces}.tflite" for k in range(1, pieces + 1)]
-
-
-def cached_program(model_dir, hparams, dtype, load_lm, progress=True):
-    """The paths of `model_dir`'s conversion to `dtype` (one program, or several when it does not
-    fit one flatbuffer), converting it first if there is none for the current weights
-    (`load_lm()` gives the float32 `model.GPT2`; `hparams` are its `HParams`); stale ones are removed."""
-    from tqdm import tqdm
-
-    folder = os.path.join(model_dir, CACHE_DIR)
-    pieces = split(hparams, dtype)
-    targets = [os.path.join(folder, name) for name in program_names(f"{dtype}-{cache_key(model_dir, dtype)}", len(pieces))]
-    if all(map(os.path.exists, targets)):
-        return targets
-    with tqdm(total=1 + len(pieces), desc=f"converting to LiteRT {dtype} (once)", unit="stage",
-              disable=None if progress else True) as bar:  # None: shown on a terminal only
-        lm = load_lm()
-        bar.update()
-        for layers, target in zip(pieces, targets):
-            program = convert(lm, int8=dtype == "int8", layers=layers)
-            try:
-                write_program(program, target)
-            except OSError as e:
-                raise UserError(f"cannot cache the LiteRT conversion in {folder} ({e.strerror}): make it writable, "
-                                "or use engine tf") from None
-            del program
-            bar.update()
-        for stale in glob.glob(os.path.join(glob.escape(folder), f"{dtype}-*.tflite")):
-            if stale not in targets:
-                os.remove(stale)
-    return targets
 
 
 def write_program(program, path):
@@ -188,16 +121,6 @@ def write_program(program, path):
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-
-
-def convert(lm, int8=False, layers=None):
-    """The converted program of `layers` (all by default) as flatbuffer bytes; int8 quantizes
-    the weights (dynamic range)."""
-    fn = tf.function(step_program(lm, layers), autograph=False, input_signature=step_signature(lm.hparams, layers))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], lm)
-    if int8:
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    return converter.convert()
 
 
 @contextlib.contextmanager
@@ -224,25 +147,34 @@ class State:
         self.saved = saved  # (keys, values): per-layer arrays, or None while in the buffers
 
 
-def release_mapped_pages(path):
-    """Drops from this process's memory the pages of a program file the interpreter mapped, once
-    it has packed the weights for its kernels and reads them no more: the kernel reads any page
-    touched again back from the file, so nothing changes but the memory held (Linux only)."""
-    import ctypes
+class MappedPages:
+    """The read-only pages of a program file the interpreter mapped. Once it has packed the
+    weights for its kernels, it reads the file only for what they did not pack (the embedding
+    rows a step looks up), yet each page it touches stays resident: `release` drops them from
+    this process's memory, and the kernel reads any page touched again back from the file, so
+    nothing changes but the memory held (Linux only; elsewhere it does nothing)."""
 
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read().splitlines()
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    path = os.path.realpath(path)
-    for line in maps:
-        fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode, path
-        if len(fields) == 6 and fields[5] == path and "w" not in fields[1]:  # never a page it wrote
-            start, end = (int(a, 16) for a in fields[0].split("-"))
-            madvise(start, end - start, MADV_DONTNEED)
+    def __init__(self, path):
+        import ctypes
+
+        self.ranges = []
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read().splitlines()
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        path = os.path.realpath(path)
+        for line in maps:
+            fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode, path
+            if len(fields) == 6 and fields[5] == path and "w" not in fields[1]:  # never a page it wrote
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                self.ranges.append((start, end - start))
+
+    def release(self):
+        for start, length in self.ranges:
+            self._madvise(start, length, MADV_DONTNEED)
 
 
 MADV_DONTNEED = 4
@@ -258,14 +190,18 @@ class Piece:
         with quiet_stderr():  # the interpreter logs an INFO line as it applies its delegate
             self.it = Interpreter(**source, num_threads=num_threads)
             self.it.allocate_tensors()
-        if not isinstance(program, bytes):
-            release_mapped_pages(program)
+        self.pages = None if isinstance(program, bytes) else MappedPages(program)
+        self.release_pages()
         runner = self.it.get_signature_runner()
         self.inputs = {name: d["index"] for name, d in runner.get_input_details().items()}
         outs = {name: d["index"] for name, d in runner.get_output_details().items()}
         self.outputs = [outs[f"output_{i}"] for i in range(3)]  # logits or hidden, new keys, new values
         self.first = "tokens" in self.inputs
         self.layers = sorted(int(name[len("keys_"):]) for name in self.inputs if name.startswith("keys_"))
+
+    def release_pages(self):
+        if self.pages is not None:
+            self.pages.release()
 
     def view(self, name):
         """A numpy view of an input buffer; the interpreter refuses to run while one is held."""
@@ -278,7 +214,45 @@ class Piece:
         if pad is not None:
             it.set_tensor(self.inputs["pad"], pad)
         it.invoke()
+        self.release_pages()  # the embedding rows just read: some microseconds, where they would add up to MiBs
         return [it.get_tensor(i) for i in self.outputs]
+
+
+# Interpreters `preload` built, by program path, for the next `Engine` of that program.
+_PRELOADED = {}
+
+
+def preload(model_name, models_dir, dtype, engine):
+    """Builds the interpreters of a model's cached conversion before TensorFlow loads, when the
+    engine will be LiteRT's as far as can be told without TensorFlow (no GPU device file for
+    'auto'); the next `Engine` of those programs takes them. Anything amiss is left for
+    `api.load` to report, and a script that ends up on TensorFlow calls `discard_preloaded`."""
+    if "tensorflow" in sys.modules or engine not in ("litert", "auto") or dtype not in ("float32", "fp32", "int8"):
+        return
+    dtype = "float32" if dtype == "fp32" else dtype
+    if engine == "auto" and dtype == "float32" and (gpu_device_files() or not installed()):
+        return
+    try:
+        path = hparams_lib.model_dir(model_name, models_dir)
+        hparams = model_files.load_hparams(path)
+        if engine == "auto" and not fits(hparams, dtype):
+            return
+        programs = cached_paths(path, hparams, dtype)
+    except (UserError, OSError, ValueError):
+        return
+    if all(map(os.path.exists, programs)) and installed():
+        threads = len(os.sched_getaffinity(0))
+        _PRELOADED.update((program, Piece(program, threads)) for program in programs)
+
+
+def discard_preloaded():
+    """Frees the interpreters `preload` built that no `Engine` took."""
+    _PRELOADED.clear()
+
+
+def gpu_device_files():
+    """The device files of NVIDIA GPUs (or WSL's GPU bridge): where TensorFlow may find a GPU."""
+    return glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/dxg")
 
 
 class Engine:
@@ -299,7 +273,8 @@ class Engine:
         self.state_spec = None
         programs = programs if isinstance(programs, (list, tuple)) else [programs]
         threads = num_threads or len(os.sched_getaffinity(0))
-        self._pieces = [Piece(program, threads) for program in programs]
+        self._pieces = [(_PRELOADED.pop(program, None) if isinstance(program, str) and not num_threads else None)
+                        or Piece(program, threads) for program in programs]
         # Each layer's cache buffers, as (piece, keys name, values name).
         self._slots = [(piece, f"keys_{i}", f"values_{i}") for piece in self._pieces for i in piece.layers]
         if [int(k[len("keys_"):]) for _, k, _ in self._slots] != list(range(hparams.n_layer)):
@@ -423,27 +398,3 @@ class Engine:
 
     def traces(self):
         return {}
-
-
-def export_tflite(model_dir, out_dir, dtype="float32"):
-    """Writes `model_dir`'s converted program as `out_dir/gpt2-<dtype>.tflite` (or, when it does
-    not fit one flatbuffer, `gpt2-<dtype>-1of<n>.tflite`... to run in turn), with hparams.json,
-    encoder.json and vocab.bpe beside it, for LiteRT users; returns the programs' paths."""
-    import encoder
-
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)} for tflite, got {dtype!r}")
-    models_dir, name = os.path.split(os.path.normpath(model_dir))
-    lm = model.load_model(name, models_dir or ".")
-    pieces = split(lm.hparams, dtype)
-    targets = [os.path.join(out_dir, f) for f in program_names(f"gpt2-{dtype}", len(pieces))]
-    for layers, target in zip(pieces, targets):
-        write_program(convert(lm, int8=dtype == "int8", layers=layers), target)
-    has_vocab = any(map(os.path.exists, encoder.vocab_files(model_dir))) or os.path.exists(
-        os.path.join(model_dir, encoder.TOKENIZER_FILE))
-    texts = encoder.vocab_texts(model_dir if has_vocab else encoder.default_vocab_dir())
-    # Released or Hugging Face directory alike, the export holds the released hparams and vocabulary.
-    files = dict(zip(encoder.VOCAB_FILES, texts), **{"hparams.json": checkpoint.load_hparams(model_dir).to_json()})
-    for name, text in files.items():
-        write_program(text.encode("utf-8"), os.path.join(out_dir, name))
-    return targets

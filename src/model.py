@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple
 
 import checkpoint
+import model_files
 import hparams as hparams_lib
 from checkpoint import Dense, Norm, Weights
 from errors import UserError
@@ -240,7 +241,7 @@ def load_model(model_name="124M", models_dir="models", dtype="float32"):
     117M and 345M mean 124M and 355M; dtype 'float32' (exact) or 'bfloat16' (weights and products)."""
     compute_dtype = parse_dtype(dtype)
     path = hparams_lib.model_dir(model_name, models_dir)
-    hp = checkpoint.load_hparams(path)
+    hp = model_files.load_hparams(path)
     lm = GPT2(hp, checkpoint.open_weights(path, hp), compute_dtype=compute_dtype)
     lm.path = path
     return lm

@@ -385,6 +385,9 @@ def serve(model_name: str = "124M", models_dir: str = "models", host: str = "127
           max_batch: int = 8, dtype: str = "float32", engine: str = "auto"):
     cli.check_whole("port", port, 0)
     cli.check_whole("max_batch", max_batch, 1)
+    import litert_engine
+
+    litert_engine.preload(model_name, models_dir, dtype, engine)  # before TensorFlow, for a lower peak
     runtime.fast_start(system_allocator=True)
     import uvicorn
 

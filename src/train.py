@@ -111,6 +111,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     import encoder as encoder_lib
     import finetune
     import lora
+    import model_files
     import runs
     import sample
     import trainer as trainer_lib
@@ -129,7 +130,7 @@ def train(dataset=None, model_name="124M", models_dir="models", run_name="run1",
     runtime.configure_devices()
     strategy = trainer_lib.make_strategy(strategy)
     trainer_lib.parse_precision(precision)
-    hp = checkpoint.load_hparams(source_dir)
+    hp = model_files.load_hparams(source_dir)
     if sample_length is None:
         sample_length = min(1023, hp.n_ctx - 1)
     cli.check_whole("sample_length", sample_length, 1)
@@ -218,7 +219,7 @@ def check_directory(flag, path):
 
 def resolve_start(restore_from, run_dir, model_name, models_dir):
     """Where the starting weights come from: (model directory, checkpoint prefix or None, step)."""
-    import checkpoint
+    import model_files
     import hf_format
     import hparams as hparams_lib
     import runs
@@ -232,7 +233,7 @@ def resolve_start(restore_from, run_dir, model_name, models_dir):
         return hparams_lib.model_dir(model_name, models_dir), None, 0
     path = os.path.expanduser(str(restore_from))
     if os.path.isdir(path):
-        return path, None if hf_format.is_hf_dir(path) else checkpoint.checkpoint_prefix(path), 0
+        return path, None if hf_format.is_hf_dir(path) else model_files.checkpoint_prefix(path), 0
     if os.path.exists(path + ".index"):
         return os.path.dirname(path) or ".", path, 0
     raise UserError(f"--restore_from must be latest, fresh, a model directory or a checkpoint prefix; "

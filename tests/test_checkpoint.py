@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import checkpoint
+import model_files
 from cli import UserError
 from hparams import SIZES, HParams
 
@@ -147,7 +148,7 @@ def test_a_copied_directory_reads_its_own_weights_not_the_absolute_path_in_check
     np.testing.assert_array_equal(own, checkpoint.random_weights(SMALL, seed=2)["model/wte"])
     # And when the original has moved away, the copy still loads.
     os.rename(original, str(tmp_path / "moved"))
-    assert checkpoint.checkpoint_prefix(copy) == os.path.join(copy, "model.ckpt")
+    assert model_files.checkpoint_prefix(copy) == os.path.join(copy, "model.ckpt")
 
 
 def test_a_checkpoint_file_may_not_point_outside_its_directory(tmp_path):
@@ -156,7 +157,7 @@ def test_a_checkpoint_file_may_not_point_outside_its_directory(tmp_path):
     with open(os.path.join(path, "checkpoint"), "w") as f:
         f.write('model_checkpoint_path: "../other/model.ckpt"\n')
     with pytest.raises(UserError, match="no checkpoint '../other/model.ckpt' in"):
-        checkpoint.checkpoint_prefix(path)
+        model_files.checkpoint_prefix(path)
 
 
 def test_corrupt_checkpoint_errors_carry_no_tensorflow_function_tags(tmp_path):

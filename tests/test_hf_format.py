@@ -10,6 +10,7 @@ import pytest
 import api
 import checkpoint
 import hf_format
+import model_files
 import model
 from conftest import run_main, run_script
 from errors import UserError
@@ -112,7 +113,7 @@ def test_the_hubs_layout_loads_names_without_transformer_mask_buffers_and_float1
     tensors.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float16)) for i in range(2)})
     path = variant(tiny_hf_dir, tmp_path, tensors=tensors)
     weights = hf_format.HFWeights(path)
-    assert checkpoint.compare_shapes(checkpoint.variable_shapes(checkpoint.load_hparams(path)), weights.shapes) is None
+    assert checkpoint.compare_shapes(checkpoint.variable_shapes(model_files.load_hparams(path)), weights.shapes) is None
     value = weights["model/h0/mlp/c_fc/w"]
     assert value.dtype == np.float32
     np.testing.assert_array_equal(value[0], state["transformer.h.0.mlp.c_fc.weight"].astype(np.float16))

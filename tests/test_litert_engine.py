@@ -1,11 +1,13 @@
 """The LiteRT engine against the TensorFlow engine, its conversion cache and the engine choice."""
 import glob
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import TINY_HPARAMS, run_script
+from conftest import SRC_DIR, TINY_HPARAMS, run_script
 
 pytest.importorskip("ai_edge_litert")
 
@@ -18,6 +20,7 @@ def engines(request, tmp_path_factory):
     """(TensorFlow decoder, LiteRT float32 engine, LiteRT int8 engine) of one random model."""
     import checkpoint
     import decode
+    import litert_convert
     import litert_engine
     import model
     from hparams import HParams
@@ -25,8 +28,8 @@ def engines(request, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     checkpoint.write_random_model(str(models / "m"), HParams(**request.param), seed=3, std=0.2)
     lm = model.load_model("m", str(models))
-    return (decode.Decoder(lm), litert_engine.Engine(litert_engine.convert(lm), lm.hparams),
-            litert_engine.Engine(litert_engine.convert(lm, int8=True), lm.hparams))
+    return (decode.Decoder(lm), litert_engine.Engine(litert_convert.convert(lm), lm.hparams),
+            litert_engine.Engine(litert_convert.convert(lm, int8=True), lm.hparams))
 
 
 def padded_prompts(n_vocab, lengths, seed=0):
@@ -170,10 +173,80 @@ def models_dir(tmp_path):
     return str(tmp_path)
 
 
+PRELOADED_RUN = """
+import sys
+sys.path.insert(0, {src!r})
+import litert_engine
+litert_engine.preload("tiny", {models!r}, "float32", {engine!r})
+before_tensorflow = "tensorflow" not in sys.modules
+preloaded = list(litert_engine._PRELOADED.values())
+import api
+gpt = api.load("tiny", {models!r}, engine={engine!r}, progress=False)
+taken = gpt.engine is not None and all(p in gpt.engine._pieces for p in preloaded)
+print(before_tensorflow, len(preloaded), taken, len(litert_engine._PRELOADED))
+print(gpt.generate("Hi", 8, temperature=0))
+"""
+
+
+@pytest.mark.parametrize("engine", ["litert", "auto"])
+def test_a_preloaded_program_is_built_before_tensorflow_and_taken_by_the_engine(models_dir, engine):
+    import api
+
+    expected = api.load("tiny", models_dir, engine="litert", progress=False).generate("Hi", 8, temperature=0)
+    code = PRELOADED_RUN.format(src=SRC_DIR, models=models_dir, engine=engine)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    flags, text = run.stdout.split("\n", 1)
+    assert flags == "True 1 True 0"  # built with no TensorFlow, then taken, none left over
+    assert text.rstrip("\n") == expected
+
+
+def test_a_model_with_no_cached_conversion_or_on_tensorflow_is_not_preloaded(models_dir):
+    import litert_engine
+
+    # This process has TensorFlow already: preloading could no longer lower the peak.
+    litert_engine.preload("tiny", models_dir, "float32", "litert")
+    assert not litert_engine._PRELOADED
+    code = (f"import sys; sys.path.insert(0, {SRC_DIR!r}); import litert_engine\n"
+            f"litert_engine.preload('tiny', {models_dir!r}, 'float32', 'litert')\n"
+            f"litert_engine.preload('tiny', {models_dir!r}, 'int8', 'tf')\n"
+            f"litert_engine.preload('missing', {models_dir!r}, 'float32', 'litert')\n"
+            "print(len(litert_engine._PRELOADED), 'tensorflow' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stdout.strip()) == (0, "0 False")
+
+
+def test_released_pages_of_a_mapped_program_leave_the_process(tmp_path):
+    import mmap
+
+    import litert_engine
+
+    path = tmp_path / "program.tflite"
+    path.write_bytes(os.urandom(4 << 20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # touches every page
+        assert resident_kib(path) >= 4096
+        litert_engine.MappedPages(str(path)).release()
+        assert resident_kib(path) == 0
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum  # read back from the file
+
+
+def resident_kib(path):
+    """This process's resident KiB of the mappings of `path`, from /proc/self/smaps."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            inside = len(fields) > 5 and fields[5] == os.path.realpath(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
 def test_conversion_is_cached_and_redone_when_the_weights_change(models_dir, monkeypatch):
     import api
     import checkpoint
-    import litert_engine
+    import litert_convert
 
     first = api.load("tiny", models_dir, engine="litert", progress=False)
     folder = os.path.join(models_dir, "tiny", "litert")
@@ -184,7 +257,7 @@ def test_conversion_is_cached_and_redone_when_the_weights_change(models_dir, mon
         raise AssertionError("converted again although the cache is current")
 
     with monkeypatch.context() as m:
-        m.setattr(litert_engine, "convert", no_conversion)
+        m.setattr(litert_convert, "convert", no_conversion)
         again = api.load("tiny", models_dir, engine="litert", progress=False)
     assert again.generate("Hi", 8, temperature=0) == first.generate("Hi", 8, temperature=0)
 
@@ -286,9 +359,9 @@ def test_the_scripts_take_the_engine_flags(tiny_models_dir):
 def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_dir, tmp_path, capsys):
     from ai_edge_litert.interpreter import Interpreter
 
-    import checkpoint
     import export
     import litert_engine
+    import model_files
 
     export.export("tflite", "tiny", models_dir, out=str(tmp_path / "out"))
     path = capsys.readouterr().out.strip()
@@ -303,7 +376,7 @@ def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_di
     out = runner(tokens=tokens, pos=np.int32(0), pad=np.zeros([1], np.int32), **cache)
     assert out["output_0"].shape == (1, hp["n_vocab"])
     assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, hp["n_head"], 3, 8)
-    engine = litert_engine.Engine(path, checkpoint.load_hparams(os.path.join(models_dir, "tiny")))
+    engine = litert_engine.Engine(path, model_files.load_hparams(os.path.join(models_dir, "tiny")))
     np.testing.assert_allclose(out["output_0"], engine.prefill(tokens, np.zeros([1], np.int32), 4)[0], atol=1e-6)
 
 

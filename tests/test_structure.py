@@ -55,8 +55,14 @@ def test_the_bottom_layers_import_nothing_above_them():
     assert imports("hparams") <= {"errors"}
     assert imports("encoder") <= {"errors", "hparams"}
     assert imports("hf_format") <= {"errors", "hparams", "encoder"}
-    assert imports("checkpoint") <= {"errors", "hparams", "encoder", "runtime", "hf_format"}
-    assert imports("model") <= {"errors", "hparams", "encoder", "runtime", "checkpoint"}
+    assert imports("model_files") <= {"errors", "hparams", "encoder", "hf_format"}
+    assert imports("checkpoint") <= {"errors", "hparams", "encoder", "runtime", "hf_format", "model_files"}
+    assert imports("model") <= {"errors", "hparams", "encoder", "runtime", "checkpoint", "model_files"}
+
+
+def test_the_litert_engine_runs_without_tensorflow():
+    # So `litert_engine.preload` can pack the weights before TensorFlow loads.
+    assert imports("litert_engine") <= {"errors", "hparams", "encoder", "hf_format", "model_files"}
 
 
 def test_no_module_uses_another_modules_private_names():
