@@ -148,29 +148,47 @@ class State:
 
 
 class MappedPages:
-    """The read-only pages of a program file the interpreter mapped. Once it has packed the
+    """The read-only pages of a program file that one interpreter mapped. Once it has packed the
     weights for its kernels, it reads the file only for what they did not pack (the embedding
     rows a step looks up), yet each page it touches stays resident: `release` drops them from
     this process's memory, and the kernel reads any page touched again back from the file, so
-    nothing changes but the memory held (Linux only; elsewhere it does nothing)."""
+    nothing changes but the memory held (Linux only; elsewhere it does nothing).
 
-    def __init__(self, path):
+    Only the mappings `opened_by` saw appear count: another interpreter's mapping of the same
+    file may be unmapped, and its addresses reused, while this one lives."""
+
+    def __init__(self, ranges):
         import ctypes
 
-        self.ranges = []
+        self.ranges = sorted(ranges)
+        try:
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+            self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            self.ranges = []
+
+    @classmethod
+    def opened_by(cls, path, open_mapping):
+        """Runs `open_mapping()`: its result, and the `MappedPages` of the mappings of `path` it made."""
+        path = os.path.realpath(path)
+        before = cls._ranges(path)
+        opened = open_mapping()
+        return opened, cls(cls._ranges(path) - before)
+
+    @staticmethod
+    def _ranges(path):
         try:
             with open("/proc/self/maps") as f:
                 maps = f.read().splitlines()
-            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
-        except (OSError, AttributeError):
-            return
-        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        path = os.path.realpath(path)
+        except OSError:
+            return set()
+        found = set()
         for line in maps:
             fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode, path
             if len(fields) == 6 and fields[5] == path and "w" not in fields[1]:  # never a page it wrote
                 start, end = (int(a, 16) for a in fields[0].split("-"))
-                self.ranges.append((start, end - start))
+                found.add((start, end - start))
+        return found
 
     def release(self):
         for start, length in self.ranges:
@@ -186,11 +204,17 @@ class Piece:
     def __init__(self, program, num_threads):
         from ai_edge_litert.interpreter import Interpreter
 
-        source = dict(model_content=program) if isinstance(program, bytes) else dict(model_path=program)
-        with quiet_stderr():  # the interpreter logs an INFO line as it applies its delegate
-            self.it = Interpreter(**source, num_threads=num_threads)
-            self.it.allocate_tensors()
-        self.pages = None if isinstance(program, bytes) else MappedPages(program)
+        def open_interpreter():
+            source = dict(model_content=program) if isinstance(program, bytes) else dict(model_path=program)
+            with quiet_stderr():  # the interpreter logs an INFO line as it applies its delegate
+                it = Interpreter(**source, num_threads=num_threads)
+                it.allocate_tensors()
+            return it
+
+        if isinstance(program, bytes):
+            self.it, self.pages = open_interpreter(), None
+        else:
+            self.it, self.pages = MappedPages.opened_by(program, open_interpreter)
         self.release_pages()
         runner = self.it.get_signature_runner()
         self.inputs = {name: d["index"] for name, d in runner.get_input_details().items()}

@@ -216,19 +216,30 @@ def test_a_model_with_no_cached_conversion_or_on_tensorflow_is_not_preloaded(mod
     assert (run.returncode, run.stdout.strip()) == (0, "0 False")
 
 
-def test_released_pages_of_a_mapped_program_leave_the_process(tmp_path):
+def test_released_pages_of_a_mapped_program_leave_the_process_and_no_other_mappings_do(tmp_path):
     import mmap
 
     import litert_engine
 
     path = tmp_path / "program.tflite"
     path.write_bytes(os.urandom(4 << 20))
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        checksum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # touches every page
-        assert resident_kib(path) >= 4096
-        litert_engine.MappedPages(str(path)).release()
-        assert resident_kib(path) == 0
-        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == checksum  # read back from the file
+
+    def mapped():
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def touch(view):  # reads one byte a page
+        return sum(view[i] for i in range(0, len(view), 4096))
+
+    other = mapped()  # as another interpreter's mapping of the same file
+    checksum = touch(other)
+    mine, pages = litert_engine.MappedPages.opened_by(str(path), mapped)
+    assert touch(mine) == checksum and resident_kib(path) >= 2 * 4096
+    pages.release()
+    assert 4096 <= resident_kib(path) < 2 * 4096  # the other mapping keeps its pages
+    assert touch(mine) == checksum  # read back from the file
+    mine.close()
+    other.close()
 
 
 def resident_kib(path):
