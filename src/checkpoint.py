@@ -184,8 +184,6 @@ class CheckpointWeights(collections.abc.Mapping):
         return len(self.shapes)
 
 
-
-
 def read_weights(model_dir, hparams, dtype=tf.float32, prefix=None):
     """Reads every variable of the checkpoint in `model_dir` (or at `prefix`), checked against `hparams`.
 

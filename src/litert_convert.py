@@ -4,11 +4,10 @@ them beside the model, keyed by what they depend on.
 import glob
 import os
 
-import litert_engine
 import model
 import model_files
 from errors import UserError
-from litert_engine import CACHE_DIR, DTYPES, program_names, split, write_program
+from litert_engine import CACHE_DIR, DTYPES, cached_paths, program_names, split, write_program
 from model import attention_input, block_output, norm
 from runtime import tf
 
@@ -80,7 +79,7 @@ def cached_program(model_dir, hparams, dtype, load_lm, progress=True):
 
     folder = os.path.join(model_dir, CACHE_DIR)
     pieces = split(hparams, dtype)
-    targets = litert_engine.cached_paths(model_dir, hparams, dtype)
+    targets = cached_paths(model_dir, hparams, dtype)
     if all(map(os.path.exists, targets)):
         return targets
     with tqdm(total=1 + len(pieces), desc=f"converting to LiteRT {dtype} (once)", unit="stage",

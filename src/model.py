@@ -9,8 +9,8 @@ import math
 from typing import NamedTuple
 
 import checkpoint
-import model_files
 import hparams as hparams_lib
+import model_files
 from checkpoint import Dense, Norm, Weights
 from errors import UserError
 from hparams import HParams  # noqa: F401  (re-exported: model.HParams is the config users know)

@@ -219,9 +219,9 @@ def check_directory(flag, path):
 
 def resolve_start(restore_from, run_dir, model_name, models_dir):
     """Where the starting weights come from: (model directory, checkpoint prefix or None, step)."""
-    import model_files
     import hf_format
     import hparams as hparams_lib
+    import model_files
     import runs
 
     if restore_from == "latest":

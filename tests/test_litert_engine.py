@@ -245,7 +245,9 @@ def test_released_pages_of_a_mapped_program_leave_the_process_and_no_other_mappi
 def resident_kib(path):
     """This process's resident KiB of the mappings of `path`, from /proc/self/smaps."""
     total, inside = 0, False
-    for line in open("/proc/self/smaps"):
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         fields = line.split()
         if "-" in fields[0] and not fields[0].endswith(":"):
             inside = len(fields) > 5 and fields[5] == os.path.realpath(path)
