@@ -251,10 +251,11 @@ def preload(model_name, models_dir, dtype, engine):
     engine will be LiteRT's as far as can be told without TensorFlow (no GPU device file for
     'auto'); the next `Engine` of those programs takes them. Anything amiss is left for
     `api.load` to report, and a script that ends up on TensorFlow calls `discard_preloaded`."""
-    if "tensorflow" in sys.modules or engine not in ("litert", "auto") or dtype not in ("float32", "fp32", "int8"):
+    if ("tensorflow" in sys.modules or engine not in ("litert", "auto") or dtype not in ("float32", "fp32", "int8")
+            or not installed()):  # the cache's key needs LiteRT's version; api.load says how to install it
         return
     dtype = "float32" if dtype == "fp32" else dtype
-    if engine == "auto" and dtype == "float32" and (gpu_device_files() or not installed()):
+    if engine == "auto" and dtype == "float32" and gpu_device_files():
         return
     try:
         path = hparams_lib.model_dir(model_name, models_dir)
@@ -264,7 +265,7 @@ def preload(model_name, models_dir, dtype, engine):
         programs = cached_paths(path, hparams, dtype)
     except (UserError, OSError, ValueError):
         return
-    if all(map(os.path.exists, programs)) and installed():
+    if all(map(os.path.exists, programs)):
         threads = len(os.sched_getaffinity(0))
         _PRELOADED.update((program, Piece(program, threads)) for program in programs)
 

@@ -216,6 +216,31 @@ def test_a_model_with_no_cached_conversion_or_on_tensorflow_is_not_preloaded(mod
     assert (run.returncode, run.stdout.strip()) == (0, "0 False")
 
 
+def test_preloading_without_litert_installed_leaves_the_error_to_api_load(models_dir):
+    import api
+
+    api.load("tiny", models_dir, engine="litert", progress=False)  # a cached conversion to find
+    code = (f"import sys; sys.path.insert(0, {SRC_DIR!r})\n"
+            "sys.modules['ai_edge_litert'] = None  # as if the package were not installed\n"
+            "from importlib import metadata\n"
+            "known = metadata.version\n"
+            "def version(name):\n"
+            "    if name == 'ai-edge-litert':\n"
+            "        raise metadata.PackageNotFoundError(name)\n"
+            "    return known(name)\n"
+            "metadata.version = version\n"
+            "import errors, litert_engine\n"
+            f"litert_engine.preload('tiny', {models_dir!r}, 'float32', 'litert')\n"
+            "import api\n"
+            "try:\n"
+            f"    api.load('tiny', {models_dir!r}, engine='litert')\n"
+            "except errors.UserError as e:\n"
+            "    print(len(litert_engine._PRELOADED), e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("0 engine litert needs the package ai-edge-litert")
+
+
 def test_released_pages_of_a_mapped_program_leave_the_process_and_no_other_mappings_do(tmp_path):
     import mmap
 
