@@ -13,60 +13,62 @@ from runtime import tf
 
 
 def step_signature(hparams, layers=None):
-    """Input specs of a converted program holding `layers` (a range, all by default): tokens
-    [B, T] for the first program or the hidden state [B, T, d] before its first layer for a
-    later one, pos, pad, then each layer's keys and values [B, H, 1, capacity, D]."""
+    """Input specs of a converted program holding `layers` (a range, all by default), for N query
+    rows: the first program's tokens [N] and positions [N], or a later one's hidden state [N, d]
+    before its first layer; the attention biases over the cache [N, 1, 1, C] and over the rows
+    themselves [N, N]; the last program's rows to return logits for [M]; then each layer's keys
+    and values [N or 1, H, 1, C, D]."""
     h, d = hparams.n_head, hparams.head_dim
     layers = range(hparams.n_layer) if layers is None else layers
-    first = (tf.TensorSpec([None, None], tf.int32, name="tokens") if layers.start == 0
-             else tf.TensorSpec([None, None, hparams.n_embd], tf.float32, name="hidden"))
-    return ([first, tf.TensorSpec([], tf.int32, name="pos"), tf.TensorSpec([None], tf.int32, name="pad")]
-            + [tf.TensorSpec([None, h, 1, None, d], tf.float32, name=f"{kind}_{i}")
-               for kind in ("keys", "values") for i in layers])
+    rows = ([tf.TensorSpec([None], tf.int32, name="tokens"), tf.TensorSpec([None], tf.int32, name="positions")]
+            if layers.start == 0 else [tf.TensorSpec([None, hparams.n_embd], tf.float32, name="hidden")])
+    biases = [tf.TensorSpec([None, 1, 1, None], tf.float32, name="cache_bias"),
+              tf.TensorSpec([None, None], tf.float32, name="own_bias")]
+    out = [tf.TensorSpec([None], tf.int32, name="out_rows")] if layers.stop == hparams.n_layer else []
+    return rows + biases + out + [tf.TensorSpec([None, h, 1, None, d], tf.float32, name=f"{kind}_{i}")
+                                  for kind in ("keys", "values") for i in layers]
 
 
 def step_program(lm, layers=None):
-    """The function the converter takes for `layers` (all by default): (tokens or hidden, pos,
-    pad, *keys, *values) -> (logits [B, V] after the last layer or the hidden state [B, T, d],
-    new keys [L, B, H, T, D], new values [L, B, H, T, D])."""
+    """The function the converter takes for `layers` (all by default): (tokens and positions, or
+    hidden; cache_bias, own_bias; out_rows if last; *keys, *values) -> (logits [M, V] of the
+    out_rows after the last layer, or the hidden state [N, d]; new keys [L, N, H, D]; new values
+    [L, N, H, D]). Every reshape has a constant shape: XNNPACK takes shape arithmetic in pieces."""
     hp = lm.hparams
+    h, d, e = hp.n_head, hp.head_dim, hp.n_embd
     layers = range(hp.n_layer) if layers is None else layers
-    n = len(layers)
+    n, first, last = len(layers), layers.start == 0, layers.stop == hp.n_layer
 
-    def run(inputs, pos, pad, *cache):
-        keys, values = cache[:n], cache[n:]
-        b, t = tf.shape(inputs)[0], tf.shape(inputs)[1]
-        capacity = tf.shape(keys[0])[3]
-        query_pos = pos + tf.range(t)  # [T]
+    def run(*inputs):
         w = lm.layers  # variables: a program reads, and so holds, only what it uses
-        x = model.embed(w, inputs, tf.maximum(query_pos[None, :] - pad[:, None], 0)) if layers.start == 0 else inputs
-        x = tf.reshape(x, [b * t, hp.n_embd])  # rows, so each dense layer is one 2-D product
-        # Keys before pos come from the cache, the rest are the new tokens' own.
-        cached_pos = tf.range(capacity)
-        keep_cached = tf.logical_and(cached_pos[None, None, :] < pos, cached_pos[None, None, :] >= pad[:, None, None])
-        keep_cached = tf.broadcast_to(keep_cached, tf.stack([b, t, capacity]))  # [B, T, C]
-        keep_new = tf.logical_and(query_pos[None, None, :] <= query_pos[None, :, None],
-                                  query_pos[None, None, :] >= pad[:, None, None])  # [B, T, T]
-        mask = model.Mask.of(tf.cast(tf.concat([keep_cached, keep_new], -1), tf.float32)[:, None])
-        scale = tf.math.rsqrt(tf.constant(hp.head_dim, tf.float32))
+        x = model.embed(w, inputs[0], inputs[1]) if first else inputs[0]  # [N, d]
+        inputs = inputs[2:] if first else inputs[1:]
+        cache_bias, own_bias = inputs[:2]
+        out_rows = inputs[2] if last else None
+        keys, values = inputs[-2 * n:-n], inputs[-n:]
+        scale = tf.math.rsqrt(tf.constant(d, tf.float32))
         new_keys, new_values = [], []
         for i, p in enumerate(lm.read_block(w.blocks[j]) for j in layers):
-            qkv = tf.reshape(attention_input(x, p), [b, t, 3, hp.n_head, hp.head_dim])
-            q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))  # [B, H, T, D] each
-            # The cache's products as broadcast multiplies and sums over its 5-D layout, which
+            # A split, not an unstack: XNNPACK runs no UNPACK, and each one cuts its graph in two.
+            q, k, v = (tf.reshape(t, [-1, h, d]) for t in tf.split(attention_input(x, p), 3, axis=-1))  # [N, H, D]
+            # The cache's product as a broadcast multiply and sum over its 5-D layout, which
             # XNNPACK streams near memory speed: a batched product repacks the cache every call.
-            cached_scores = tf.reduce_sum(tf.expand_dims(q, 3) * keys[i], -1)  # [B, H, T, C]
-            scores = tf.concat([cached_scores, tf.matmul(q, k, transpose_b=True)], -1)
-            weights = model.softmax(scores * scale * mask.keep + mask.bias)  # [B, H, T, C + T]
-            old, new = weights[..., :capacity], weights[..., capacity:]
-            a = tf.reduce_sum(tf.expand_dims(old, -1) * values[i], 3) + tf.matmul(new, v)  # [B, H, T, D]
-            x = block_output(x, tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [b * t, hp.n_embd]), p)
+            cached = tf.reduce_sum(tf.reshape(q, [-1, h, 1, 1, d]) * keys[i], -1) * scale + cache_bias  # [N, H, 1, C]
+            qh, kh, vh = (tf.transpose(t, [1, 0, 2]) for t in (q, k, v))  # [H, N, D]
+            own = tf.matmul(qh, kh, transpose_b=True) * scale + own_bias  # [H, N, N]
+            # One softmax over both parts' keys, without concatenating them (C and N both vary).
+            top = tf.maximum(tf.reshape(tf.reduce_max(cached, -1), [-1, h]), tf.transpose(tf.reduce_max(own, -1)))
+            cached = tf.exp(cached - tf.reshape(top, [-1, h, 1, 1]))
+            own = tf.exp(own - tf.expand_dims(tf.transpose(top), -1))
+            total = tf.reshape(tf.reduce_sum(cached, -1), [-1, h]) + tf.transpose(tf.reduce_sum(own, -1))  # [N, H]
+            a = (tf.reshape(tf.reduce_sum(tf.expand_dims(cached, -1) * values[i], 3), [-1, h, d])
+                 + tf.transpose(tf.matmul(own, vh), [1, 0, 2])) / tf.reshape(total, [-1, h, 1])  # [N, H, D]
+            x = block_output(x, tf.reshape(a, [-1, e]), p)
             new_keys.append(k)
             new_values.append(v)
-        x = tf.reshape(x, [b, t, hp.n_embd])
-        if layers.stop < hp.n_layer:
+        if not last:
             return x, tf.stack(new_keys), tf.stack(new_values)
-        return model.logits(norm(x[:, -1], w.ln_f), w.wte), tf.stack(new_keys), tf.stack(new_values)
+        return model.logits(norm(tf.gather(x, out_rows), w.ln_f), w.wte), tf.stack(new_keys), tf.stack(new_values)
 
     return run
 

@@ -1,9 +1,10 @@
 """A decode engine on LiteRT (TensorFlow Lite): runs the programs `litert_convert` writes.
 
-The model's one program takes tokens [B, T] at position `pos` beside the cache, and returns the
-last position's logits [B, V] and the new tokens' keys and values. The cache is the program's
-inputs, written in place between calls through the interpreter's views of its input buffers,
-so no step copies it; attention reads the cache and the new tokens' own keys separately.
+The model's one program takes query rows, each a token at a position: one prompt's tokens, or
+one new token per stream. Each row attends to the cache through one bias and to the rows of its
+call through another, both given here, and the program returns the logits of the rows asked for
+and the rows' keys and values. The cache is the program's inputs, written in place between calls
+through the interpreter's views of its input buffers, so no step copies it.
 
 Running needs no TensorFlow, so `preload` can pack a cached program's weights before it loads:
 packing holds the packed copy beside the mapped file, and that peak then stays below
@@ -25,8 +26,10 @@ from errors import UserError
 
 
 # Bumped whenever the converted program changes, so older conversions count as stale.
-PROGRAM_VERSION = 3
+PROGRAM_VERSION = 4
 DTYPES = ("float32", "int8")
+# The attention bias of a key a row must not see: the reference's masked score.
+MASKED = -1e10
 # Where conversions are cached, inside the model's directory.
 CACHE_DIR = "litert"
 
@@ -231,12 +234,14 @@ class Piece:
         """A numpy view of an input buffer; the interpreter refuses to run while one is held."""
         return self.it.tensor(self.inputs[name])()
 
-    def run(self, inputs, pos, pad):
+    def run(self, x, feeds):
+        """Runs on `x` (tokens, or the hidden state) and whichever of `feeds` (positions,
+        cache_bias, own_bias, out_rows) this program takes."""
         it = self.it
-        it.set_tensor(self.inputs["tokens" if self.first else "hidden"], inputs)
-        it.set_tensor(self.inputs["pos"], np.int32(pos))
-        if pad is not None:
-            it.set_tensor(self.inputs["pad"], pad)
+        it.set_tensor(self.inputs["tokens" if self.first else "hidden"], x)
+        for name, value in feeds.items():
+            if name in self.inputs:
+                it.set_tensor(self.inputs[name], value)
         it.invoke()
         self.release_pages()  # the embedding rows just read: some microseconds, where they would add up to MiBs
         return [it.get_tensor(i) for i in self.outputs]
@@ -308,20 +313,21 @@ class Engine:
         self._shape = None
         self._current = lambda: None  # a weak reference to the state in the buffers
 
-    def _resize(self, batch, t, capacity):
-        if self._shape == (batch, t, capacity):
+    def _resize(self, rows, capacity, cache_rows, out_rows):
+        """Shapes the inputs for `rows` query rows over a cache of `capacity` slots that has
+        `cache_rows` rows (one per query row, or one they share), returning `out_rows` logits."""
+        shape = (rows, capacity, cache_rows, out_rows)
+        if self._shape == shape:
             return
         h, d, e = self.hparams.n_head, self.hparams.head_dim, self.hparams.n_embd
         for piece in self._pieces:
-            it = piece.it
-            it.resize_tensor_input(piece.inputs["tokens"] if piece.first else piece.inputs["hidden"],
-                                   [batch, t] if piece.first else [batch, t, e])
-            it.resize_tensor_input(piece.inputs["pad"], [batch])
-            for i in piece.layers:
-                for kind in ("keys", "values"):
-                    it.resize_tensor_input(piece.inputs[f"{kind}_{i}"], [batch, h, 1, capacity, d])
-            it.allocate_tensors()
-        self._shape = (batch, t, capacity)
+            sizes = {"tokens": [rows], "positions": [rows], "hidden": [rows, e], "cache_bias": [rows, 1, 1, capacity],
+                     "own_bias": [rows, rows], "out_rows": [out_rows]}
+            sizes.update({f"{kind}_{i}": [cache_rows, h, 1, capacity, d] for i in piece.layers for kind in ("keys", "values")})
+            for name, index in piece.inputs.items():
+                piece.it.resize_tensor_input(index, sizes[name])
+            piece.it.allocate_tensors()
+        self._shape = shape
 
     def _cache_views(self):
         """Views of the buffers: each layer's keys and values [B, H, C, D]."""
@@ -335,14 +341,12 @@ class Engine:
             current.saved = tuple([view.copy() for view in views] for views in self._cache_views())
         self._current = lambda: None
 
-    def _take_buffers(self, state, pad):
-        """Puts `state` (and its rows' padding) in the buffers, if it is not there already."""
+    def _take_buffers(self, state):
+        """Puts `state` in the buffers, if it is not there already."""
         if self._current() is state:
             return
         self._set_aside()
-        self._resize(state.batch, 1, state.capacity)
-        for piece in self._pieces:
-            piece.it.set_tensor(piece.inputs["pad"], np.asarray(pad, np.int32))
+        self._resize(state.batch, state.capacity, state.batch, state.batch)
         self._fill(state.saved)
         state.saved = None
         self._current = weakref.ref(state)
@@ -357,48 +361,71 @@ class Engine:
         """A state's keys and values per layer, wherever they are (the buffers' are views)."""
         return state.saved if state.saved is not None else self._cache_views()
 
-    def _run(self, tokens, pos, pad):
-        """Every program in turn: the logits [B, V] and each layer's new keys and values [B, H, T, D]."""
+    def _run(self, tokens, feeds):
+        """Every program in turn: the logits [M, V] and each layer's new keys and values [N, H, D]."""
         x, keys, values = tokens, [], []
         for piece in self._pieces:
-            x, new_keys, new_values = piece.run(x, pos, pad)
+            x, new_keys, new_values = piece.run(x, feeds)
             keys.extend(new_keys)
             values.extend(new_values)
         return x, keys, values
 
+    def _prompt(self, tokens):
+        """One prompt's tokens [T] from position 0, attending only to each other: the logits
+        [V] after the last, and each layer's keys and values [H, T, D]."""
+        t = len(tokens)
+        self._resize(t, 1, 1, 1)  # a one-slot cache, masked out
+        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
+        causal = np.where(np.tri(t, dtype=bool), 0, MASKED).astype(np.float32)
+        logits, keys, values = self._run(tokens, dict(
+            positions=np.arange(t, dtype=np.int32), cache_bias=np.full([t, 1, 1, 1], MASKED, np.float32),
+            own_bias=causal, out_rows=np.array([t - 1], np.int32)))
+        return logits[0], [k.transpose(1, 0, 2) for k in keys], [v.transpose(1, 0, 2) for v in values]
+
     def prefill(self, tokens, pad, capacity):
         """Runs prompts tokens [B, T], left-padded by `pad` [B], into a new cache of `capacity`
-        positions (at most n_ctx); the last position's logits [B, V] and the state."""
+        positions (at most n_ctx); the last position's logits [B, V] and the state. Each distinct
+        prompt runs once, on its own tokens: its padding is never computed."""
         tokens, pad = np.asarray(tokens, np.int32), np.asarray(pad, np.int32)
         batch, t = tokens.shape
         capacity = int(capacity)
         self._set_aside()
-        # The prompt runs beside an empty one-slot cache (masked out at pos 0), then the cache
-        # takes the step's shapes; resizing reallocates the inputs, so their values are kept aside.
-        self._resize(batch, t, 1)
-        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
-        logits, keys, values = self._run(tokens, 0, pad)
-        self._resize(batch, 1, capacity)
-        for piece in self._pieces:
-            piece.it.set_tensor(piece.inputs["pad"], pad)
+        # Resizing reallocates the inputs, so the prompts' keys and values are kept aside meanwhile.
+        done = {}
+        for row in range(batch):
+            prompt = tokens[row, pad[row]:]
+            if prompt.tobytes() not in done:
+                done[prompt.tobytes()] = self._prompt(prompt)
+        self._resize(batch, capacity, batch, batch)
         self._fill(([0] * len(self._slots), [0] * len(self._slots)))
         cached_keys, cached_values = self._cache_views()
-        for i in range(len(self._slots)):
-            cached_keys[i][:, :, :t] = keys[i]
-            cached_values[i][:, :, :t] = values[i]
+        logits = []
+        for row in range(batch):
+            row_logits, keys, values = done[tokens[row, pad[row]:].tobytes()]
+            for i in range(len(self._slots)):
+                cached_keys[i][row, :, pad[row]:t] = keys[i]
+                cached_values[i][row, :, pad[row]:t] = values[i]
+            logits.append(row_logits)
         del cached_keys, cached_values
         state = State(batch, capacity)
         self._current = weakref.ref(state)
-        return logits, state
+        return np.stack(logits), state
 
     def step(self, token, pos, pad, state):
         """One token per row, token [B] at position `pos`: next-token logits [B, V] and the state."""
-        self._take_buffers(state, pad)
-        pos = int(pos)
-        logits, keys, values = self._run(np.asarray(token, np.int32)[:, None], pos, None)
+        self._take_buffers(state)
+        pos, pad = int(pos), np.asarray(pad, np.int32)
+        batch = state.batch
+        slots = np.arange(state.capacity)
+        seen = (slots[None, :] >= pad[:, None]) & (slots[None, :] < pos)  # [B, C]: each row's cached tokens
+        logits, keys, values = self._run(np.asarray(token, np.int32), dict(
+            positions=np.maximum(pos - pad, 0).astype(np.int32),
+            cache_bias=np.where(seen, 0, MASKED).astype(np.float32)[:, None, None, :],
+            own_bias=np.where(np.eye(batch, dtype=bool), 0, MASKED).astype(np.float32),
+            out_rows=np.arange(batch, dtype=np.int32)))
         for (piece, k, v), new_keys, new_values in zip(self._slots, keys, values):
-            piece.view(k)[:, :, 0, pos] = new_keys[:, :, 0]
-            piece.view(v)[:, :, 0, pos] = new_values[:, :, 0]
+            piece.view(k)[:, :, 0, pos] = new_keys
+            piece.view(v)[:, :, 0, pos] = new_values
         return logits, state
 
     def rearrange(self, state, batch, rows, start, capacity):

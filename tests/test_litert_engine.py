@@ -57,6 +57,24 @@ def test_prefill_and_steps_match_the_tensorflow_engine(engines):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
 
+def test_a_prompt_given_to_several_rows_runs_once_and_fills_each_rows_cache(engines, monkeypatch):
+    from runtime import tf
+
+    tf_engine, lite, _ = engines
+    tokens, pad = padded_prompts(tf_engine.hparams.n_vocab, [5, 3, 5, 3])
+    tokens[2], tokens[3] = tokens[0], tokens[1]
+    runs = []
+    for piece in lite._pieces:
+        monkeypatch.setattr(piece, "run", lambda x, feeds, run=piece.run: runs.append(len(x)) or run(x, feeds))
+    got, state = lite.prefill(tokens, pad, 8)
+    assert runs == [n for n in (5, 3) for _ in lite._pieces]  # each distinct prompt once, its padding left out
+    want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(8))
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    token = np.array([1, 2, 3, 4], np.int32)
+    want, _ = tf_engine.step(tf.constant(token), tf.constant(5), tf.constant(pad), tf_state)
+    np.testing.assert_allclose(lite.step(token, 5, pad, state)[0], want.numpy(), atol=1e-4, rtol=0)
+
+
 def test_a_prompt_filling_the_window_and_a_new_prefill_then_the_first_stream_again(engines):
     from runtime import tf
 
@@ -404,18 +422,20 @@ def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_di
     export.export("tflite", "tiny", models_dir, out=str(tmp_path / "out"))
     path = capsys.readouterr().out.strip()
     assert sorted(os.listdir(tmp_path / "out")) == ["encoder.json", "gpt2-float32.tflite", "hparams.json", "vocab.bpe"]
-    # The README's contract: the prompt beside an empty one-slot cache, by input name.
+    # The README's contract, by input name: a prompt's rows beside an empty, masked one-slot cache.
     hp = TINY_HPARAMS
     it = Interpreter(model_path=path)
     runner = it.get_signature_runner()
-    tokens = np.array([[5, 6, 7]], np.int32)
+    tokens = np.array([5, 6, 7], np.int32)
     empty = np.zeros([1, hp["n_head"], 1, 1, hp["n_embd"] // hp["n_head"]], np.float32)
     cache = {f"{kind}_{i}": empty for kind in ("keys", "values") for i in range(hp["n_layer"])}
-    out = runner(tokens=tokens, pos=np.int32(0), pad=np.zeros([1], np.int32), **cache)
+    causal = np.where(np.tri(3, dtype=bool), 0, -1e10).astype(np.float32)
+    out = runner(tokens=tokens, positions=np.arange(3, dtype=np.int32), own_bias=causal,
+                 cache_bias=np.full([3, 1, 1, 1], -1e10, np.float32), out_rows=np.array([2], np.int32), **cache)
     assert out["output_0"].shape == (1, hp["n_vocab"])
-    assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 1, hp["n_head"], 3, 8)
+    assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 3, hp["n_head"], 8)
     engine = litert_engine.Engine(path, model_files.load_hparams(os.path.join(models_dir, "tiny")))
-    np.testing.assert_allclose(out["output_0"], engine.prefill(tokens, np.zeros([1], np.int32), 4)[0], atol=1e-6)
+    np.testing.assert_allclose(out["output_0"], engine.prefill(tokens[None], np.zeros([1], np.int32), 4)[0], atol=1e-6)
 
 
 def test_export_rejects_an_unknown_format(models_dir):
