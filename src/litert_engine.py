@@ -26,7 +26,7 @@ from errors import UserError
 
 
 # Bumped whenever the converted program changes, so older conversions count as stale.
-PROGRAM_VERSION = 4
+PROGRAM_VERSION = 5
 DTYPES = ("float32", "int8")
 # The attention bias of a key a row must not see: the reference's masked score.
 MASKED = -1e10
@@ -321,7 +321,7 @@ class Engine:
             return
         h, d, e = self.hparams.n_head, self.hparams.head_dim, self.hparams.n_embd
         for piece in self._pieces:
-            sizes = {"tokens": [rows], "positions": [rows], "hidden": [rows, e], "cache_bias": [rows, 1, 1, capacity],
+            sizes = {"tokens": [rows], "positions": [rows], "hidden": [rows, e], "cache_bias": [rows, 1, 1, capacity, 1],
                      "own_bias": [rows, rows], "out_rows": [out_rows]}
             sizes.update({f"{kind}_{i}": [cache_rows, h, 1, capacity, d] for i in piece.layers for kind in ("keys", "values")})
             for name, index in piece.inputs.items():
@@ -378,7 +378,7 @@ class Engine:
         self._fill(([0] * len(self._slots), [0] * len(self._slots)))
         causal = np.where(np.tri(t, dtype=bool), 0, MASKED).astype(np.float32)
         logits, keys, values = self._run(tokens, dict(
-            positions=np.arange(t, dtype=np.int32), cache_bias=np.full([t, 1, 1, 1], MASKED, np.float32),
+            positions=np.arange(t, dtype=np.int32), cache_bias=np.full([t, 1, 1, 1, 1], MASKED, np.float32),
             own_bias=causal, out_rows=np.array([t - 1], np.int32)))
         return logits[0], [k.transpose(1, 0, 2) for k in keys], [v.transpose(1, 0, 2) for v in values]
 
@@ -420,7 +420,7 @@ class Engine:
         seen = (slots[None, :] >= pad[:, None]) & (slots[None, :] < pos)  # [B, C]: each row's cached tokens
         logits, keys, values = self._run(np.asarray(token, np.int32), dict(
             positions=np.maximum(pos - pad, 0).astype(np.int32),
-            cache_bias=np.where(seen, 0, MASKED).astype(np.float32)[:, None, None, :],
+            cache_bias=np.where(seen, 0, MASKED).astype(np.float32)[:, None, None, :, None],
             own_bias=np.where(np.eye(batch, dtype=bool), 0, MASKED).astype(np.float32),
             out_rows=np.arange(batch, dtype=np.int32)))
         for (piece, k, v), new_keys, new_values in zip(self._slots, keys, values):

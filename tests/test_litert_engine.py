@@ -431,7 +431,7 @@ def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_di
     cache = {f"{kind}_{i}": empty for kind in ("keys", "values") for i in range(hp["n_layer"])}
     causal = np.where(np.tri(3, dtype=bool), 0, -1e10).astype(np.float32)
     out = runner(tokens=tokens, positions=np.arange(3, dtype=np.int32), own_bias=causal,
-                 cache_bias=np.full([3, 1, 1, 1], -1e10, np.float32), out_rows=np.array([2], np.int32), **cache)
+                 cache_bias=np.full([3, 1, 1, 1, 1], -1e10, np.float32), out_rows=np.array([2], np.int32), **cache)
     assert out["output_0"].shape == (1, hp["n_vocab"])
     assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 3, hp["n_head"], 8)
     engine = litert_engine.Engine(path, model_files.load_hparams(os.path.join(models_dir, "tiny")))
