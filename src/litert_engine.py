@@ -391,6 +391,8 @@ class Engine:
         capacity = int(capacity)
         self._set_aside()
         # Resizing reallocates the inputs, so the prompts' keys and values are kept aside meanwhile.
+        if np.any(pad >= t):
+            raise UserError("every prompt needs at least one token")
         done = {}
         for row in range(batch):
             prompt = tokens[row, pad[row]:]
