@@ -30,6 +30,8 @@ PROGRAM_VERSION = 5
 DTYPES = ("float32", "int8")
 # The attention bias of a key a row must not see: the reference's masked score.
 MASKED = -1e10
+# Distinct prompts share a call (each attending to its own) up to this many tokens; a longer one runs alone.
+PACKED_ROWS = 512
 # Where conversions are cached, inside the model's directory.
 CACHE_DIR = "litert"
 
@@ -370,34 +372,46 @@ class Engine:
             values.extend(new_values)
         return x, keys, values
 
-    def _prompt(self, tokens):
-        """One prompt's tokens [T] from position 0, attending only to each other: the logits
-        [V] after the last, and each layer's keys and values [H, T, D]."""
-        t = len(tokens)
-        self._resize(t, 1, 1, 1)  # a one-slot cache, masked out
+    def _prompts(self, prompts):
+        """Prompts' tokens (lists of [T]) from position 0 in one call, each attending only to its
+        own: per prompt, the logits [V] after its last token and each layer's keys and values
+        [H, T, D]."""
+        lengths = [len(p) for p in prompts]
+        rows = sum(lengths)
+        owner = np.repeat(np.arange(len(prompts)), lengths)
+        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+        own = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])  # causal, per prompt
+        ends = np.cumsum(lengths)
+        self._resize(rows, 1, 1, len(prompts))  # a one-slot cache, masked out
         self._fill(([0] * len(self._slots), [0] * len(self._slots)))
-        causal = np.where(np.tri(t, dtype=bool), 0, MASKED).astype(np.float32)
-        logits, keys, values = self._run(tokens, dict(
-            positions=np.arange(t, dtype=np.int32), cache_bias=np.full([t, 1, 1, 1, 1], MASKED, np.float32),
-            own_bias=causal, out_rows=np.array([t - 1], np.int32)))
-        return logits[0], [k.transpose(1, 0, 2) for k in keys], [v.transpose(1, 0, 2) for v in values]
+        logits, keys, values = self._run(np.concatenate(prompts), dict(
+            positions=positions, cache_bias=np.full([rows, 1, 1, 1, 1], MASKED, np.float32),
+            own_bias=np.where(own, 0, MASKED).astype(np.float32), out_rows=(ends - 1).astype(np.int32)))
+        return [(logits[i], [k[end - n:end].transpose(1, 0, 2) for k in keys],
+                 [v[end - n:end].transpose(1, 0, 2) for v in values]) for i, (n, end) in enumerate(zip(lengths, ends))]
 
     def prefill(self, tokens, pad, capacity):
         """Runs prompts tokens [B, T], left-padded by `pad` [B], into a new cache of `capacity`
         positions (at most n_ctx); the last position's logits [B, V] and the state. Each distinct
-        prompt runs once, on its own tokens: its padding is never computed."""
+        prompt runs once, on its own tokens, so padding is never computed; short ones share calls."""
         tokens, pad = np.asarray(tokens, np.int32), np.asarray(pad, np.int32)
         batch, t = tokens.shape
         capacity = int(capacity)
-        self._set_aside()
-        # Resizing reallocates the inputs, so the prompts' keys and values are kept aside meanwhile.
         if np.any(pad >= t):
             raise UserError("every prompt needs at least one token")
-        done = {}
+        self._set_aside()
+        distinct = {}
         for row in range(batch):
             prompt = tokens[row, pad[row]:]
-            if prompt.tobytes() not in done:
-                done[prompt.tobytes()] = self._prompt(prompt)
+            distinct.setdefault(prompt.tobytes(), prompt)
+        # Resizing reallocates the inputs, so the prompts' keys and values are kept aside meanwhile.
+        done, group = {}, []
+        for prompt in list(distinct.values()) + [None]:
+            if group and (prompt is None or sum(map(len, group)) + len(prompt) > PACKED_ROWS):
+                done.update(zip((p.tobytes() for p in group), self._prompts(group)))
+                group = []
+            if prompt is not None:
+                group.append(prompt)
         self._resize(batch, capacity, batch, batch)
         self._fill(([0] * len(self._slots), [0] * len(self._slots)))
         cached_keys, cached_values = self._cache_views()

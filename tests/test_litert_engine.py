@@ -58,6 +58,7 @@ def test_prefill_and_steps_match_the_tensorflow_engine(engines):
 
 
 def test_a_prompt_given_to_several_rows_runs_once_and_fills_each_rows_cache(engines, monkeypatch):
+
     from runtime import tf
 
     tf_engine, lite, _ = engines
@@ -67,7 +68,26 @@ def test_a_prompt_given_to_several_rows_runs_once_and_fills_each_rows_cache(engi
     for piece in lite._pieces:
         monkeypatch.setattr(piece, "run", lambda x, feeds, run=piece.run: runs.append(len(x)) or run(x, feeds))
     got, state = lite.prefill(tokens, pad, 8)
-    assert runs == [n for n in (5, 3) for _ in lite._pieces]  # each distinct prompt once, its padding left out
+    assert runs == [5 + 3] * len(lite._pieces)  # one call: each distinct prompt once, its padding left out
+    want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(8))
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    token = np.array([1, 2, 3, 4], np.int32)
+    want, _ = tf_engine.step(tf.constant(token), tf.constant(5), tf.constant(pad), tf_state)
+    np.testing.assert_allclose(lite.step(token, 5, pad, state)[0], want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_prompts_past_the_calls_room_run_in_several_calls_with_the_same_logits(engines, monkeypatch):
+    import litert_engine
+    from runtime import tf
+
+    tf_engine, lite, _ = engines
+    monkeypatch.setattr(litert_engine, "PACKED_ROWS", 7)
+    tokens, pad = padded_prompts(tf_engine.hparams.n_vocab, [5, 2, 4, 3], seed=4)
+    runs = []
+    for piece in lite._pieces:
+        monkeypatch.setattr(piece, "run", lambda x, feeds, run=piece.run: runs.append(len(x)) or run(x, feeds))
+    got, state = lite.prefill(tokens, pad, 8)
+    assert runs == [n for n in (5 + 2, 4 + 3) for _ in lite._pieces]
     want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(8))
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
     token = np.array([1, 2, 3, 4], np.int32)
