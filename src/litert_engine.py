@@ -359,6 +359,10 @@ class Engine:
             for view, array in zip(views, arrays):
                 view[...] = array
 
+    def _clear_cache(self):
+        """Zeros the cache buffers: a masked slot still enters the sum, and 0 times garbage may be NaN."""
+        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
+
     def _arrays(self, state):
         """A state's keys and values per layer, wherever they are (the buffers' are views)."""
         return state.saved if state.saved is not None else self._cache_views()
@@ -383,7 +387,7 @@ class Engine:
         own = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])  # causal, per prompt
         ends = np.cumsum(lengths)
         self._resize(rows, 1, 1, len(prompts))  # a one-slot cache, masked out
-        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
+        self._clear_cache()
         logits, keys, values = self._run(np.concatenate(prompts), dict(
             positions=positions, cache_bias=np.full([rows, 1, 1, 1, 1], MASKED, np.float32),
             own_bias=np.where(own, 0, MASKED).astype(np.float32), out_rows=(ends - 1).astype(np.int32)))
@@ -400,24 +404,23 @@ class Engine:
         if np.any(pad >= t):
             raise UserError("every prompt needs at least one token")
         self._set_aside()
-        distinct = {}
-        for row in range(batch):
-            prompt = tokens[row, pad[row]:]
-            distinct.setdefault(prompt.tobytes(), prompt)
+        prompts = [tokens[row, pad[row]:] for row in range(batch)]
+        distinct = {prompt.tobytes(): prompt for prompt in prompts}
+        groups = [[]]
+        for prompt in distinct.values():
+            if groups[-1] and sum(map(len, groups[-1])) + len(prompt) > PACKED_ROWS:
+                groups.append([])
+            groups[-1].append(prompt)
         # Resizing reallocates the inputs, so the prompts' keys and values are kept aside meanwhile.
-        done, group = {}, []
-        for prompt in list(distinct.values()) + [None]:
-            if group and (prompt is None or sum(map(len, group)) + len(prompt) > PACKED_ROWS):
-                done.update(zip((p.tobytes() for p in group), self._prompts(group)))
-                group = []
-            if prompt is not None:
-                group.append(prompt)
+        done = {}
+        for group in groups:
+            done.update(zip((prompt.tobytes() for prompt in group), self._prompts(group)))
         self._resize(batch, capacity, batch, batch)
-        self._fill(([0] * len(self._slots), [0] * len(self._slots)))
+        self._clear_cache()
         cached_keys, cached_values = self._cache_views()
         logits = []
-        for row in range(batch):
-            row_logits, keys, values = done[tokens[row, pad[row]:].tobytes()]
+        for row, prompt in enumerate(prompts):
+            row_logits, keys, values = done[prompt.tobytes()]
             for i in range(len(self._slots)):
                 cached_keys[i][row, :, pad[row]:t] = keys[i]
                 cached_values[i][row, :, pad[row]:t] = values[i]

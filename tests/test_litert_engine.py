@@ -57,6 +57,14 @@ def test_prefill_and_steps_match_the_tensorflow_engine(engines):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
 
+def rows_run(lite, monkeypatch):
+    """A list that collects the number of rows of each program run of `lite` from here on."""
+    runs = []
+    for piece in lite._pieces:
+        monkeypatch.setattr(piece, "run", lambda x, feeds, run=piece.run: runs.append(len(x)) or run(x, feeds))
+    return runs
+
+
 def test_a_prompt_given_to_several_rows_runs_once_and_fills_each_rows_cache(engines, monkeypatch):
 
     from runtime import tf
@@ -64,9 +72,7 @@ def test_a_prompt_given_to_several_rows_runs_once_and_fills_each_rows_cache(engi
     tf_engine, lite, _ = engines
     tokens, pad = padded_prompts(tf_engine.hparams.n_vocab, [5, 3, 5, 3])
     tokens[2], tokens[3] = tokens[0], tokens[1]
-    runs = []
-    for piece in lite._pieces:
-        monkeypatch.setattr(piece, "run", lambda x, feeds, run=piece.run: runs.append(len(x)) or run(x, feeds))
+    runs = rows_run(lite, monkeypatch)
     got, state = lite.prefill(tokens, pad, 8)
     assert runs == [5 + 3] * len(lite._pieces)  # one call: each distinct prompt once, its padding left out
     want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(8))
@@ -83,9 +89,7 @@ def test_prompts_past_the_calls_room_run_in_several_calls_with_the_same_logits(e
     tf_engine, lite, _ = engines
     monkeypatch.setattr(litert_engine, "PACKED_ROWS", 7)
     tokens, pad = padded_prompts(tf_engine.hparams.n_vocab, [5, 2, 4, 3], seed=4)
-    runs = []
-    for piece in lite._pieces:
-        monkeypatch.setattr(piece, "run", lambda x, feeds, run=piece.run: runs.append(len(x)) or run(x, feeds))
+    runs = rows_run(lite, monkeypatch)
     got, state = lite.prefill(tokens, pad, 8)
     assert runs == [n for n in (5 + 2, 4 + 3) for _ in lite._pieces]
     want, tf_state = tf_engine.prefill(tf.constant(tokens), tf.constant(pad), tf.constant(8))
