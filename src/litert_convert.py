@@ -15,17 +15,17 @@ from runtime import tf
 def step_signature(hparams, layers=None):
     """Input specs of a converted program holding `layers` (a range, all by default), for N query
     rows: the first program's tokens [N] and positions [N], or a later one's hidden state [N, d]
-    before its first layer; the attention biases over the cache [N, 1, 1, C, 1] and over the rows
+    before its first layer; the attention biases over the cache [N, 1, 1, C] and over the rows
     themselves [N, N]; the last program's rows to return logits for [M]; then each layer's keys
-    and values [N or 1, H, 1, C, D]."""
+    and values [N or 1, H, D, C]."""
     h, d = hparams.n_head, hparams.head_dim
     layers = range(hparams.n_layer) if layers is None else layers
     rows = ([tf.TensorSpec([None], tf.int32, name="tokens"), tf.TensorSpec([None], tf.int32, name="positions")]
             if layers.start == 0 else [tf.TensorSpec([None, hparams.n_embd], tf.float32, name="hidden")])
-    biases = [tf.TensorSpec([None, 1, 1, None, 1], tf.float32, name="cache_bias"),
+    biases = [tf.TensorSpec([None, 1, 1, None], tf.float32, name="cache_bias"),
               tf.TensorSpec([None, None], tf.float32, name="own_bias")]
     out = [tf.TensorSpec([None], tf.int32, name="out_rows")] if layers.stop == hparams.n_layer else []
-    return rows + biases + out + [tf.TensorSpec([None, h, 1, None, d], tf.float32, name=f"{kind}_{i}")
+    return rows + biases + out + [tf.TensorSpec([None, h, d, None], tf.float32, name=f"{kind}_{i}")
                                   for kind in ("keys", "values") for i in layers]
 
 
@@ -51,19 +51,19 @@ def step_program(lm, layers=None):
         for i, p in enumerate(lm.read_block(w.blocks[j]) for j in layers):
             # A split, not an unstack: XNNPACK runs no UNPACK, and each one cuts its graph in two.
             q, k, v = (tf.reshape(t, [-1, h, d]) for t in tf.split(attention_input(x, p), 3, axis=-1))  # [N, H, D]
-            # The cache's product as a broadcast multiply and sum over its 5-D layout, which
-            # XNNPACK streams near memory speed: a batched product repacks the cache every call.
-            cached = tf.reduce_sum(tf.reshape(q, [-1, h, 1, 1, d]) * keys[i], -1, keepdims=True) * scale + cache_bias
+            # The cache's products as broadcast multiplies and sums over slots-last [D, C] rows,
+            # which XNNPACK streams near memory speed: a batched product repacks the cache every call.
+            cached = tf.reduce_sum(tf.reshape(q, [-1, h, d, 1]) * keys[i], 2, keepdims=True) * scale + cache_bias
             qh, kh, vh = (tf.transpose(t, [1, 0, 2]) for t in (q, k, v))  # [H, N, D]
             own = tf.matmul(qh, kh, transpose_b=True) * scale + own_bias  # [H, N, N]
             # One softmax over both parts' keys, without concatenating them (C and N both vary);
-            # the cache's scores keep a trailing axis of one, since XNNPACK runs no EXPAND_DIMS.
+            # the cache's scores keep an axis of one, since XNNPACK runs no EXPAND_DIMS.
             top = tf.maximum(tf.reduce_max(cached, 3, keepdims=True),
-                             tf.reshape(tf.transpose(tf.reduce_max(own, -1)), [-1, h, 1, 1, 1]))  # [N, H, 1, 1, 1]
-            cached = tf.exp(cached - top)  # [N, H, 1, C, 1]
+                             tf.reshape(tf.transpose(tf.reduce_max(own, -1)), [-1, h, 1, 1]))  # [N, H, 1, 1]
+            cached = tf.exp(cached - top)  # [N, H, 1, C]
             own = tf.exp(own - tf.reshape(tf.transpose(tf.reshape(top, [-1, h])), [h, -1, 1]))
             total = tf.reshape(tf.reduce_sum(cached, 3), [-1, h]) + tf.transpose(tf.reduce_sum(own, -1))  # [N, H]
-            a = (tf.reshape(tf.reduce_sum(cached * values[i], 3), [-1, h, d])
+            a = (tf.reduce_sum(cached * values[i], 3)
                  + tf.transpose(tf.matmul(own, vh), [1, 0, 2])) / tf.reshape(total, [-1, h, 1])  # [N, H, D]
             x = block_output(x, tf.reshape(a, [-1, e]), p)
             new_keys.append(k)

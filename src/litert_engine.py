@@ -26,7 +26,7 @@ from errors import UserError
 
 
 # Bumped whenever the converted program changes, so older conversions count as stale.
-PROGRAM_VERSION = 5
+PROGRAM_VERSION = 6
 DTYPES = ("float32", "int8")
 # The attention bias of a key a row must not see: the reference's masked score.
 MASKED = -1e10
@@ -323,18 +323,18 @@ class Engine:
             return
         h, d, e = self.hparams.n_head, self.hparams.head_dim, self.hparams.n_embd
         for piece in self._pieces:
-            sizes = {"tokens": [rows], "positions": [rows], "hidden": [rows, e], "cache_bias": [rows, 1, 1, capacity, 1],
+            sizes = {"tokens": [rows], "positions": [rows], "hidden": [rows, e], "cache_bias": [rows, 1, 1, capacity],
                      "own_bias": [rows, rows], "out_rows": [out_rows]}
-            sizes.update({f"{kind}_{i}": [cache_rows, h, 1, capacity, d] for i in piece.layers for kind in ("keys", "values")})
+            sizes.update({f"{kind}_{i}": [cache_rows, h, d, capacity] for i in piece.layers for kind in ("keys", "values")})
             for name, index in piece.inputs.items():
                 piece.it.resize_tensor_input(index, sizes[name])
             piece.it.allocate_tensors()
         self._shape = shape
 
     def _cache_views(self):
-        """Views of the buffers: each layer's keys and values [B, H, C, D]."""
-        return ([piece.view(k)[:, :, 0] for piece, k, _ in self._slots],
-                [piece.view(v)[:, :, 0] for piece, _, v in self._slots])
+        """Views of the buffers (held slots last, [B, H, D, C]): each layer's keys and values [B, H, C, D]."""
+        return ([piece.view(k).transpose(0, 1, 3, 2) for piece, k, _ in self._slots],
+                [piece.view(v).transpose(0, 1, 3, 2) for piece, _, v in self._slots])
 
     def _set_aside(self):
         """Copies the state in the buffers out of them, if anything still holds it."""
@@ -389,7 +389,7 @@ class Engine:
         self._resize(rows, 1, 1, len(prompts))  # a one-slot cache, masked out
         self._clear_cache()
         logits, keys, values = self._run(np.concatenate(prompts), dict(
-            positions=positions, cache_bias=np.full([rows, 1, 1, 1, 1], MASKED, np.float32),
+            positions=positions, cache_bias=np.full([rows, 1, 1, 1], MASKED, np.float32),
             own_bias=np.where(own, 0, MASKED).astype(np.float32), out_rows=(ends - 1).astype(np.int32)))
         return [(logits[i], [k[end - n:end].transpose(1, 0, 2) for k in keys],
                  [v[end - n:end].transpose(1, 0, 2) for v in values]) for i, (n, end) in enumerate(zip(lengths, ends))]
@@ -439,12 +439,12 @@ class Engine:
         seen = (slots[None, :] >= pad[:, None]) & (slots[None, :] < pos)  # [B, C]: each row's cached tokens
         logits, keys, values = self._run(np.asarray(token, np.int32), dict(
             positions=np.maximum(pos - pad, 0).astype(np.int32),
-            cache_bias=np.where(seen, 0, MASKED).astype(np.float32)[:, None, None, :, None],
+            cache_bias=np.where(seen, 0, MASKED).astype(np.float32)[:, None, None, :],
             own_bias=np.where(np.eye(batch, dtype=bool), 0, MASKED).astype(np.float32),
             out_rows=np.arange(batch, dtype=np.int32)))
         for (piece, k, v), new_keys, new_values in zip(self._slots, keys, values):
-            piece.view(k)[:, :, 0, pos] = new_keys
-            piece.view(v)[:, :, 0, pos] = new_values
+            piece.view(k)[..., pos] = new_keys
+            piece.view(v)[..., pos] = new_values
         return logits, state
 
     def rearrange(self, state, batch, rows, start, capacity):

@@ -451,11 +451,11 @@ def test_export_writes_a_program_a_bare_interpreter_runs_as_documented(models_di
     it = Interpreter(model_path=path)
     runner = it.get_signature_runner()
     tokens = np.array([5, 6, 7], np.int32)
-    empty = np.zeros([1, hp["n_head"], 1, 1, hp["n_embd"] // hp["n_head"]], np.float32)
+    empty = np.zeros([1, hp["n_head"], hp["n_embd"] // hp["n_head"], 1], np.float32)
     cache = {f"{kind}_{i}": empty for kind in ("keys", "values") for i in range(hp["n_layer"])}
     causal = np.where(np.tri(3, dtype=bool), 0, -1e10).astype(np.float32)
     out = runner(tokens=tokens, positions=np.arange(3, dtype=np.int32), own_bias=causal,
-                 cache_bias=np.full([3, 1, 1, 1, 1], -1e10, np.float32), out_rows=np.array([2], np.int32), **cache)
+                 cache_bias=np.full([3, 1, 1, 1], -1e10, np.float32), out_rows=np.array([2], np.int32), **cache)
     assert out["output_0"].shape == (1, hp["n_vocab"])
     assert out["output_1"].shape == out["output_2"].shape == (hp["n_layer"], 3, hp["n_head"], 8)
     engine = litert_engine.Engine(path, model_files.load_hparams(os.path.join(models_dir, "tiny")))
